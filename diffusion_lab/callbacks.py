@@ -1,0 +1,171 @@
+"""Training callbacks: EMA of the weights, sample grids and denoising animations."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities import rank_zero_only
+from torch import Tensor
+
+from diffusion_lab.media import save_animation, save_grid, to_uint8
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EMA", "SampleGrid", "ema_module", "run_dir"]
+
+
+# ----------------------------------------------------------------------------------------------- EMA
+
+
+def _ema_update(decay: float, warmup: bool):
+    """multi_avg_fn for :class:`torch.optim.swa_utils.AveragedModel`: theta_ema <- d theta_ema + (1 - d) theta.
+
+    With warm-up the decay of the n-th update is min(decay, (1 + n) / (10 + n)), so that early averages are
+    not dominated by the random initialisation.
+    """
+
+    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+        n = int(num_averaged)
+        d = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
+
+
+class EMA(WeightAveraging):
+    """Exponential moving average of the weights through Lightning's :class:`WeightAveraging`.
+
+    The averaged weights are swapped in during validation, written as the checkpoint's ``state_dict``
+    (the raw weights go to ``current_model_state``) and copied into the model when training ends; use
+    :func:`ema_module` to sample from them at any other time.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1, **kwargs: Any):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
+        super().__init__(multi_avg_fn=_ema_update(decay, warmup), **kwargs)
+        self.decay = decay
+        self.update_every_n_steps = update_every_n_steps
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+    @property
+    def averaged(self) -> pl.LightningModule | None:
+        return None if self._average_model is None else self._average_model.module
+
+
+def ema_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
+    """The EMA copy of the module when an :class:`EMA` callback runs, else the module itself."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, EMA) and cb.averaged is not None:
+            return cb.averaged
+    return pl_module
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    return Path(trainer.default_root_dir)
+
+
+# ------------------------------------------------------------------------------------- sample grids
+
+
+class SampleGrid(pl.Callback):
+    """Every ``every_n_steps`` optimizer steps and at the end of training: draw ``num_samples`` images from
+    the EMA weights with the module's sampler (or ``sampler``), save a PNG grid under ``samples/`` of the run
+    directory and, with ``animation``, a GIF of the reverse process under ``animations/``; log both to the
+    loggers that take images (wandb, TensorBoard).
+
+    Under DDP each rank draws its share (seed + rank) and rank zero gathers and writes.
+    """
+
+    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, sampler: Any = None,
+                 animation: bool = True, animation_frames: int = 40, seed: int = 1234):
+        self.every_n_steps = every_n_steps
+        self.num_samples = num_samples
+        self.sampler = sampler
+        self.animation = animation
+        self.animation_frames = animation_frames
+        self.seed = seed
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.make(trainer, pl_module, tag=f"step{step:07d}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.make(trainer, pl_module, tag="final")
+
+    @torch.no_grad()
+    def make(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Tensor:
+        self._last_step = trainer.global_step
+        module = ema_module(trainer, pl_module)
+        was_training = module.training
+        module.eval()
+        world, rank = trainer.world_size, trainer.global_rank
+        share = math.ceil(self.num_samples / world)
+        frames: list[Tensor] = []
+        sampler = self.sampler or module.sampler
+
+        def callback(i: int, t: Tensor, x_t: Tensor, pred_x0: Tensor) -> None:
+            frames.append(x_t[: min(16, share)].detach().float().cpu())
+
+        g = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
+        shape = (share, *module.image_shape)
+        x_T = torch.randn(shape, generator=g, device=pl_module.device)
+        y = None
+        if module.hparams.class_conditional:
+            y = torch.arange(share, device=pl_module.device) % module.hparams.num_classes
+        samples = sampler(module.model, module.diffusion, x_T, generator=g, y=y,
+                          callback=callback if (self.animation and rank == 0) else None)
+        if world > 1:
+            samples = pl_module.all_gather(samples).flatten(0, 1)
+        samples = samples[: self.num_samples]
+        if was_training:
+            module.train()
+        self._write(trainer, samples, frames, tag)
+        return samples
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, samples: Tensor, frames: list[Tensor], tag: str) -> None:
+        out = run_dir(trainer)
+        grid_path = save_grid(to_uint8(samples.cpu()), out / "samples" / f"{tag}.png")
+        gif_path = None
+        if frames:
+            idx = torch.linspace(0, len(frames) - 1, min(self.animation_frames, len(frames))).round().long()
+            chosen = [frames[i] for i in idx.tolist()]
+            gif_path = save_animation([to_uint8(f) for f in chosen], out / "animations" / f"{tag}.gif")
+        log.info("samples written to %s", grid_path)
+        log_media(trainer, grid_path, gif_path)
+
+
+def log_media(trainer: pl.Trainer, grid_path: Path, gif_path: Path | None) -> None:
+    """Send a grid (and animation) to every logger that takes media; a logger failure only warns."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    step = trainer.global_step
+    for logger in trainer.loggers:
+        try:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.log_image(key="samples", images=[str(grid_path)], step=step)
+                if gif_path is not None:
+                    logger.experiment.log({"animation": wandb.Video(str(gif_path), format="gif"),
+                                           "trainer/global_step": step})
+            elif isinstance(logger, TensorBoardLogger):
+                import numpy as np
+                from PIL import Image
+
+                img = np.asarray(Image.open(grid_path).convert("RGB"))
+                logger.experiment.add_image("samples", img, step, dataformats="HWC")
+        except Exception as e:  # media logging must never stop training
+            log.warning("could not log samples to %s: %s", type(logger).__name__, e)

@@ -1,0 +1,144 @@
+"""The thin LightningModule: a backbone, a :class:`~diffusion_lab.diffusion.GaussianDiffusion` and an optimizer.
+
+All diffusion math lives in ``diffusion.py``; sampling grids, animations and FID live in callbacks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+
+from diffusion_lab.diffusion import GaussianDiffusion
+
+__all__ = ["DiffusionModule"]
+
+
+class DiffusionModule(pl.LightningModule):
+    """Train ``model`` to denoise under ``diffusion``.
+
+    Args:
+        model: backbone, ``forward(x, t, y=None)``.
+        diffusion: the schedule + objective.
+        optimizer: ``params -> Optimizer`` (a ``_partial_`` config).
+        lr_scheduler: ``optimizer -> LRScheduler`` stepped every optimizer step, or None.
+        sampler: the default sampler, ``sampler(model_fn, diffusion, x_T, ...)`` (a ``_partial_`` config).
+        image_shape: (C, H, W) of the data.
+        num_classes: classes of the data; labels are fed to the model only when ``class_conditional``.
+        cond_drop_prob: probability of replacing a label by the null class (classifier-free guidance).
+        seed: base seed of the per-step noise (t and eps are a function of seed, step and rank, so a resumed
+            run draws exactly the noise the uninterrupted run would have drawn).
+        config: the resolved run config, saved in checkpoints so that commands can rebuild the module.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion: GaussianDiffusion,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        sampler: Callable[..., Tensor] | None = None,
+        image_shape: tuple[int, int, int] = (1, 16, 16),
+        num_classes: int = 10,
+        class_conditional: bool = False,
+        cond_drop_prob: float = 0.1,
+        seed: int = 0,
+        config: dict | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["model", "diffusion", "optimizer", "lr_scheduler", "sampler"])
+        self.model = model
+        self.diffusion = diffusion
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.sampler = sampler
+        self.image_shape = tuple(image_shape)
+        self._last_time: float | None = None
+
+    # --------------------------------------------------------------------------------------- network
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.model(x, t, y if self.hparams.class_conditional else None)
+
+    def _labels(self, y: Tensor, drop: bool, generator: torch.Generator | None = None) -> Tensor | None:
+        """Labels for the model: None when unconditional; during training some become the null class."""
+        if not self.hparams.class_conditional:
+            return None
+        if drop and self.hparams.cond_drop_prob > 0:
+            u = torch.rand(y.shape, generator=generator, device=y.device)
+            y = torch.where(u < self.hparams.cond_drop_prob, torch.full_like(y, self.hparams.num_classes), y)
+        return y
+
+    def _step_generator(self, stream: int) -> torch.Generator:
+        """A generator seeded by (seed, global step, rank, stream): the noise of step k is fixed."""
+        g = torch.Generator(device=self.device)
+        key = (self.hparams.seed * 1_000_003 + self.global_step) * 1009 + self.global_rank * 31 + stream
+        g.manual_seed(key % (2**63 - 1))
+        return g
+
+    # -------------------------------------------------------------------------------------- training
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x0, y = batch                                                     # (B, C, H, W) in [-1, 1], (B,)
+        g = self._step_generator(stream=0)
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device, generator=g)
+        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        terms = self.diffusion.training_losses(self.model, x0, t=t, eps=eps, y=self._labels(y, True, g))
+        loss = terms["loss"].mean()
+        self.log("train/loss", loss, prog_bar=True)
+        for key in ("mse", "vlb"):
+            if key in terms:
+                self.log(f"train/{key}", terms[key].mean())
+        self._log_throughput(x0.shape[0])
+        return loss
+
+    def _log_throughput(self, batch_size: int) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            self.log("train/images_per_sec", batch_size / max(now - self._last_time, 1e-9), prog_bar=True)
+        self._last_time = now
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = grad_norm(self.model, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x0, y = batch
+        g = torch.Generator(device=self.device).manual_seed(10_000 + batch_idx)  # same noise at every check
+        t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device, generator=g)
+        eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
+        labels = self._labels(y, False)
+        terms = self.diffusion.training_losses(self.model, x0, t=t, eps=eps, y=labels)
+        bpd = self.diffusion.bpd_estimate(self.model, x0, y=labels, generator=g)
+        self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
+        self.log("val/bpd", bpd.mean(), sync_dist=True)
+        self._last_time = None  # do not count validation time against throughput
+
+    # ------------------------------------------------------------------------------------ optimizers
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.model.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------ checkpoint state
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,120 @@
+"""Training entry point: ``train(cfg)`` does the work; ``main`` is the Hydra wrapper behind ``train.py``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffusion_lab.callbacks import EMA
+from diffusion_lab.checkpoint import build_module, check_compatible, find_last_checkpoint, read_checkpoint
+from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.config_utils import print_config_tree
+from diffusion_lab.loggers import build_loggers
+
+log = logging.getLogger("diffusion_lab")
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+__all__ = ["train", "main", "CONF_DIR"]
+
+
+def _sweep_info(cfg: DictConfig) -> tuple[str | None, list[str]]:
+    """For a multirun job: (wandb group = the sweep's folder name, tags = the swept overrides)."""
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return None, []
+    if hc.mode != RunMode.MULTIRUN:
+        return None, []
+    return Path(hc.sweep.dir).name, list(hc.overrides.task)
+
+
+def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    callbacks, ema = [], []
+    for name, cb_cfg in (cfg.get("callbacks") or {}).items():
+        if cb_cfg is None or "_target_" not in cb_cfg:
+            continue
+        cb = instantiate(cb_cfg)
+        (ema if isinstance(cb, EMA) else callbacks).append(cb)
+        log.debug("callback %s: %s", name, type(cb).__name__)
+    return callbacks + ema  # the EMA last: it swaps weights around validation
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths."""
+    if cfg.get("print_config", True):
+        print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    datamodule: pl.LightningDataModule = instantiate(cfg.dataset)
+    image_shape = (datamodule.channels, datamodule.image_size, datamodule.image_size)
+
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path == "last":
+        ckpt_path = str(find_last_checkpoint(cfg.paths.log_dir, cfg.task_name))
+    if ckpt_path:
+        ckpt = read_checkpoint(ckpt_path)
+        check_compatible(ckpt["hyper_parameters"]["config"], cfg, ckpt_path)
+        log.info("resuming from %s (step %s)", ckpt_path, ckpt.get("global_step"))
+        del ckpt
+
+    module, n_params = build_module(cfg, image_shape, datamodule.num_classes)
+    log.info("backbone %s: %s parameters", type(module.model).__name__, f"{n_params:,}")
+
+    group, sweep_tags = _sweep_info(cfg)
+    loggers = build_loggers(cfg.get("logger"), out_dir, cfg, group=group, extra_tags=sweep_tags)
+    for lg in loggers:
+        lg.log_hyperparams({"num_parameters": n_params})
+
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False, plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    ckpt_cb = trainer.checkpoint_callback
+    result = {
+        "metrics": metrics,
+        "output_dir": str(out_dir),
+        "last_checkpoint": str(Path(ckpt_cb.dirpath) / "last.ckpt") if ckpt_cb is not None else None,
+        "best_checkpoint": getattr(ckpt_cb, "best_model_path", None) or None,
+        "num_parameters": n_params,
+        "global_step": trainer.global_step,
+    }
+    if trainer.is_global_zero:
+        OmegaConf.save(OmegaConf.create(result), out_dir / "result.yaml")
+        log.info("run directory: %s", out_dir)
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    with open_dict(cfg):
+        cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
+    try:
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    # A metric for Hydra sweepers (Optuna minimises it).
+    metrics = result["metrics"]
+    objective = cfg.get("optimized_metric")
+    return metrics.get(objective) if objective else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Shared fixtures: the real datasets beside the project, and small-thread settings for a 2-core machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("DIFFUSION_LAB_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real datasets (../shared/data). Skips where absent, but fails under CI, which must have them."""
+    root = shared_data_dir()
+    if not (root / "mnist").is_dir() or not (root / "hoda").is_dir():
+        msg = f"real datasets not found at {root} (set DIFFUSION_LAB_SHARED_DATA)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg + "; CI must have them")
+        pytest.skip(msg)
+    return root

@@ -1,0 +1,55 @@
+"""Compose the real Hydra config for integration tests, with the run's folders under tmp_path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from diffusion_lab.train import CONF_DIR
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+# The smallest real setup: 8x8 sklearn digits, a tiny MLP, few steps, no media.
+FAST = [
+    "dataset=digits",
+    "dataset.image_size=8",
+    "model=mlp",
+    "model.hidden_dim=64",
+    "model.num_layers=2",
+    "logger=csv",
+    "callbacks=none",
+    "trainer.max_steps=3",
+    "trainer.val_check_interval=3",
+    "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "schedule.timesteps=50",
+]
+
+
+def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    HydraConfig().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.log_dir = str(tmp_path)
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path.parent / "cache")
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path):
+    def make(*overrides: str, fast: bool = True) -> DictConfig:
+        return compose_config(tmp_path, (FAST if fast else []) + list(overrides))
+
+    return make
