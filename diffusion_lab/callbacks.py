@@ -33,7 +33,12 @@ def _ema_update(decay: float, warmup: bool):
     def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
         n = int(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [p for _, p in floats], 1.0 - d)
+        for e, p in zip(ema_params, params):  # integer buffers (step maps, counters) are copied
+            if not e.is_floating_point():
+                e.copy_(p)
 
     return update
 
@@ -101,8 +106,7 @@ class SampleGrid(pl.Callback):
             self.make(trainer, pl_module, tag=f"step{step:07d}")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.make(trainer, pl_module, tag="final")
+        self.make(trainer, pl_module, tag="final")
 
     @torch.no_grad()
     def make(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Tensor:

@@ -67,7 +67,8 @@ class GaussianDiffusion(nn.Module):
             The learned ones need a network with twice the data channels (``model_out_channels``).
         loss: ``simple`` (MSE on the parameterization's target), ``vlb`` (the variational bound, an
             unbiased estimate of the full L_vlb in bits/dim) or ``hybrid`` (simple + lambda * vlb with the
-            mean's gradient stopped in the vlb term, Improved DDPM Sec. 3.1).
+            mean's gradient stopped in the vlb term, Improved DDPM Sec. 3.1). ``simple`` with a learned
+            variance adds the same lambda * vlb term, since nothing else would train the variance.
         loss_weighting: ``none`` or ``min_snr`` (Hang et al. 2023: weight min(SNR, gamma) on the x_0 error).
         min_snr_gamma: gamma of min-SNR weighting.
         hybrid_lambda: lambda of the hybrid loss (0.001 in Improved DDPM).
