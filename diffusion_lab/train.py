@@ -12,6 +12,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -84,12 +85,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    ckpt_cb = trainer.checkpoint_callback
+    ckpts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    last = next((cb.last_model_path for cb in ckpts if cb.last_model_path), None)
+    best = next((cb.best_model_path for cb in ckpts if cb.monitor and cb.best_model_path), None)
     result = {
         "metrics": metrics,
         "output_dir": str(out_dir),
-        "last_checkpoint": str(Path(ckpt_cb.dirpath) / "last.ckpt") if ckpt_cb is not None else None,
-        "best_checkpoint": getattr(ckpt_cb, "best_model_path", None) or None,
+        "last_checkpoint": last,
+        "best_checkpoint": best,
         "num_parameters": n_params,
         "global_step": trainer.global_step,
     }

@@ -1,0 +1,93 @@
+"""Verified downloads: try each mirror, check size / md5 / content, and keep only a complete file.
+
+A download streams into a hidden temporary file beside the destination, is verified there, and is moved into
+place with ``os.replace`` (atomic on POSIX and Windows). A failed or corrupt download is deleted, so a later
+run never mistakes a partial file for data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+__all__ = ["download_file", "file_md5", "join_url"]
+
+_CHUNK = 1 << 20
+
+
+def file_md5(path: Path | str, chunk_size: int = _CHUNK) -> str:
+    """md5 hex digest of a file, read in chunks."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def join_url(base: str, filename: str) -> str:
+    """``base`` (a folder URL) joined with a file name, percent-encoding spaces and the like."""
+    return base.rstrip("/") + "/" + urllib.parse.quote(filename)
+
+
+def download_file(
+    urls: Sequence[str],
+    dest: Path | str,
+    md5: str | None = None,
+    size: int | None = None,
+    validate: Callable[[Path], None] | None = None,
+    timeout: float = 60.0,
+) -> Path:
+    """Fetch ``dest`` from the first URL that yields a verified file.
+
+    Args:
+        urls: candidate URLs of the same file, tried in order (mirrors).
+        dest: final path; written only once the file passed every check.
+        md5: expected md5 hex digest, or None when not published.
+        size: expected size in bytes, or None when not published.
+        validate: optional content check ``validate(tmp_path)`` raising on a bad file (e.g. record count).
+        timeout: socket timeout in seconds per request.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        RuntimeError: no URL gave a verified file; names every URL with its reason and states that no
+            partial file was kept.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    reasons = []
+    for url in urls:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        tmp = Path(tmp_name)
+        try:
+            h = hashlib.md5(usedforsecurity=False)
+            n = 0
+            request = urllib.request.Request(url, headers={"User-Agent": "diffusion_lab"})
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+                while chunk := response.read(_CHUNK):
+                    out.write(chunk)
+                    h.update(chunk)
+                    n += len(chunk)
+            if size is not None and n != size:
+                raise ValueError(f"size {n} bytes, expected {size}")
+            if md5 is not None and h.hexdigest() != md5:
+                raise ValueError(f"md5 {h.hexdigest()}, expected {md5} (checksum mismatch)")
+            if validate is not None:
+                validate(tmp)
+            os.replace(tmp, dest)
+            return dest
+        except (OSError, ValueError, urllib.error.URLError) as e:
+            reasons.append(f"{url}: {e}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise RuntimeError(
+        f"download of '{dest.name}' failed ({'; '.join(reasons)}); no partial file was kept in "
+        f"{dest.parent}; check the connection, or place the file there yourself"
+    )
