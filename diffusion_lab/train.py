@@ -31,14 +31,23 @@ __all__ = ["train", "main", "CONF_DIR"]
 
 
 def _sweep_info(cfg: DictConfig) -> tuple[str | None, list[str]]:
-    """For a multirun job: (wandb group = the sweep's folder name, tags = the swept overrides)."""
+    """For a multirun job: (wandb group = the sweep's folder name, tags = this job's swept values)."""
     try:
         hc = HydraConfig.get()
     except ValueError:
         return None, []
     if hc.mode != RunMode.MULTIRUN:
         return None, []
-    return Path(hc.sweep.dir).name, list(hc.overrides.task)
+    swept: set[str] = set()
+    sweep_file = Path(hc.sweep.dir) / "multirun.yaml"
+    if sweep_file.is_file():  # the sweep's own command-line overrides, written before the jobs start
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        task = OmegaConf.load(sweep_file).hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    tags = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept]
+    return Path(hc.sweep.dir).name, tags
 
 
 def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
