@@ -173,3 +173,120 @@ def log_media(trainer: pl.Trainer, grid_path: Path, gif_path: Path | None) -> No
                 logger.experiment.add_image("samples", img, step, dataformats="HWC")
         except Exception as e:  # media logging must never stop training
             log.warning("could not log samples to %s: %s", type(logger).__name__, e)
+
+
+# ---------------------------------------------------------------------------------- sample quality
+
+
+class SampleQuality(pl.Callback):
+    """Every ``every_n_steps`` steps (and at the end): draw ``n`` samples from the EMA weights with a fast
+    sampler, score them with a :class:`~diffusion_lab.metrics.MetricSuite` against the data module's real
+    ``real_split`` and log ``val/<metric>``, ``best/<metric>`` (lowest FID/KID, highest IS so far), the
+    sample count and the seconds the evaluation took; the class histogram goes to wandb as a bar chart.
+
+    Under DDP each rank draws n / world samples (seed + rank); rank zero gathers them, computes the metrics
+    and broadcasts the values, so every rank logs the same numbers.
+    """
+
+    def __init__(self, metrics_cfg: Any, every_n_steps: int = 5000, n: int = 1000, sampler: str = "dpm_solver",
+                 sampler_steps: int | None = 20, real_split: str = "test", n_real: int | None = None,
+                 sample_batch_size: int = 250, seed: int = 4321):
+        from diffusion_lab.metrics import MetricSuite
+
+        self.suite = MetricSuite.from_config(metrics_cfg)
+        self.every_n_steps, self.n, self.sampler, self.sampler_steps = every_n_steps, n, sampler, sampler_steps
+        self.real_split, self.n_real, self.sample_batch_size, self.seed = real_split, n_real, sample_batch_size, seed
+        self.best: dict[str, float] = {}
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_step:
+            self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+        import time
+
+        from diffusion_lab.media import to_uint8
+        from diffusion_lab.samplers import get_sampler, sample
+
+        self._last_step = trainer.global_step
+        start = time.perf_counter()
+        module = ema_module(trainer, pl_module)
+        was_training = module.training
+        module.eval()
+        world, rank = trainer.world_size, trainer.global_rank
+        share = math.ceil(self.n / world)
+        fn, device = get_sampler(self.sampler), pl_module.device
+        parts = []
+        for i in range(math.ceil(share / self.sample_batch_size)):
+            b = min(self.sample_batch_size, share - i * self.sample_batch_size)
+            y = None
+            if module.hparams.class_conditional:
+                y = (torch.arange(b, device=device) + i * self.sample_batch_size) % module.hparams.num_classes
+            x = sample(module.model, module.diffusion, (b, *module.image_shape), sampler=fn,
+                       steps=self.sampler_steps, seed=self.seed + 1000 * rank + i, device=device, y=y)
+            parts.append(to_uint8(x))
+        if was_training:
+            module.train()
+        fake = torch.cat(parts)
+        if world > 1:
+            fake = pl_module.all_gather(fake).flatten(0, 1)
+        fake = fake[: self.n].cpu()
+        values: dict[str, float] = {}
+        histogram = None
+        if trainer.is_global_zero:
+            dm = trainer.datamodule
+            key = f"{dm.name}-{self.real_split}-{dm.image_size}px-{dm.channels}ch-n{self.n_real or 'all'}-" \
+                  f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
+            results = self.suite.compute(fake, real=lambda: dm.real_images(self.real_split, self.n_real)[0],
+                                         cache_key=key)
+            histogram = results.pop("class_histogram", None)
+            values = {k: float(v) for k, v in results.items()}
+        values = trainer.strategy.broadcast(values, src=0)
+        seconds = time.perf_counter() - start
+        for name, value in values.items():
+            pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False)
+            lower_better = name.startswith(("fid_", "kid_"))
+            if name.startswith(("fid_", "kid_", "is_")) and not name.endswith("_std"):
+                old = self.best.get(name)
+                if old is None or (value < old if lower_better else value > old):
+                    self.best[name] = value
+                pl_module.log(f"best/{name}", self.best[name], on_step=True, on_epoch=False)
+        pl_module.log("val/metric_samples", float(len(fake)), on_step=True, on_epoch=False)
+        pl_module.log("val/metric_seconds", seconds, on_step=True, on_epoch=False)
+        if trainer.is_global_zero:
+            log.info("step %d: %s (%d samples, %s %s steps, %.1f s)", trainer.global_step,
+                     ", ".join(f"{k}={v:.4g}" for k, v in values.items()), len(fake), self.sampler,
+                     self.sampler_steps, seconds)
+            if histogram is not None:
+                _log_histogram(trainer, histogram)
+        return values
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": dict(self.best)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = dict(state_dict.get("best", {}))
+
+
+def _log_histogram(trainer: pl.Trainer, histogram: Tensor) -> None:
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            try:
+                import wandb
+
+                table = wandb.Table(data=[[str(i), int(c)] for i, c in enumerate(histogram.tolist())],
+                                    columns=["class", "count"])
+                logger.experiment.log({"val/class_histogram": wandb.plot.bar(table, "class", "count",
+                                                                             title="classes of samples"),
+                                       "trainer/global_step": trainer.global_step})
+            except Exception as e:  # never stop training for a chart
+                log.warning("could not log the class histogram to wandb: %s", e)

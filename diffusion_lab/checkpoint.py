@@ -81,7 +81,8 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, int, int], num_classes
     from diffusion_lab.models import count_parameters
 
     schedule = instantiate(cfg.schedule)
-    diffusion = instantiate(cfg.objective, schedule=schedule)
+    # a partial, so that Hydra does not turn the Schedule dataclass into a config node
+    diffusion = instantiate(cfg.objective, _partial_=True)(schedule=schedule)
     C, H, _ = image_shape
     model = instantiate(
         cfg.model, in_channels=C, out_channels=diffusion.model_out_channels(C), image_size=H,

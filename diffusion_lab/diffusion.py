@@ -87,6 +87,8 @@ class GaussianDiffusion(nn.Module):
         timestep_map: Tensor | None = None,
     ):
         super().__init__()
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a diffusion_lab.schedules.Schedule, got {type(schedule).__name__}")
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance '{variance}'; valid: {', '.join(VARIANCES)}")
         if loss not in LOSSES:

@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.callbacks import EMA
+from diffusion_lab.callbacks import EMA, SampleQuality
 from diffusion_lab.checkpoint import build_module, check_compatible, find_last_checkpoint, read_checkpoint
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.config_utils import print_config_tree
@@ -61,6 +61,30 @@ def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return callbacks + ema  # the EMA last: it swaps weights around validation
 
 
+def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Training-time sample quality (FID etc.) and the best checkpoint by it, when configured and possible."""
+    m = cfg.get("metrics")
+    if not m or not m.get("every_n_steps") or not m.get("names"):
+        return []
+    needs_classifier = any(not n.endswith("_inception") for n in m.names)
+    if needs_classifier and not Path(m.classifier_path).is_file():
+        log.warning("metrics: no digit classifier at %s, so no FID during training; train one with "
+                    "`python -m diffusion_lab.evaluate train_classifier dataset=%s` (or set metrics.names)",
+                    m.classifier_path, cfg.dataset.name)
+        return []
+    quality = SampleQuality(m, every_n_steps=m.every_n_steps, n=m.n, sampler=m.sampler,
+                            sampler_steps=m.sampler_steps, real_split=m.real_split, n_real=m.get("n_real"))
+    callbacks: list[pl.Callback] = [quality]
+    first = "fid_classifier" if "fid_classifier" in m.names else next(
+        (n for n in m.names if n.startswith("fid_")), None)
+    if first and cfg.get("callbacks"):
+        callbacks.append(ModelCheckpoint(
+            dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), filename=f"best-{first}-step{{step:07d}}",
+            auto_insert_metric_name=False, monitor=f"val/{first}", mode="min", save_top_k=1,
+            every_n_train_steps=m.every_n_steps, save_on_train_epoch_end=False))
+    return callbacks
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths."""
     if cfg.get("print_config", True):
@@ -90,7 +114,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams({"num_parameters": n_params})
 
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_callbacks(cfg), logger=loggers or False, plugins=[AtomicCheckpointIO()],
+        cfg.trainer, callbacks=_callbacks(cfg) + _quality_callbacks(cfg), logger=loggers or False,
+        plugins=[AtomicCheckpointIO()],
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}

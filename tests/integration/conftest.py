@@ -53,3 +53,19 @@ def make_cfg(tmp_path):
         return compose_config(tmp_path, (FAST if fast else []) + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_classifier(tmp_path_factory) -> Path:
+    """A digit classifier for 8x8 sklearn digits, trained for one quick epoch (for metric plumbing)."""
+    from diffusion_lab.data import DiffusionDataModule
+    from diffusion_lab.metrics.classifier import save_classifier
+    from diffusion_lab.metrics.train_classifier import train_classifier
+
+    root = tmp_path_factory.mktemp("classifier")
+    dm = DiffusionDataModule(name="digits", image_size=8, cache_dir=root / "cache")
+    dm.prepare_data()
+    x, y = dm.real_images("train")
+    xt, yt = dm.real_images("val")
+    model, _ = train_classifier(x, y, xt, yt, epochs=1, seed=0, dataset="digits", log=None)
+    return save_classifier(model, root / "digits-8px.pt")

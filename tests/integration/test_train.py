@@ -65,7 +65,7 @@ def test_every_config_instantiates(tmp_path):
                 cfg = compose("config", overrides=[f"{group}={option}", f"paths.cache_dir={tmp_path}"])
                 node = cfg[group]
                 if group == "objective":
-                    obj = instantiate(node, schedule=instantiate(cfg.schedule))
+                    obj = instantiate(node, _partial_=True)(schedule=instantiate(cfg.schedule))
                 elif group == "model":
                     obj = instantiate(node, in_channels=1, out_channels=2, image_size=16, num_classes=None)
                 elif group == "lr_scheduler":
