@@ -69,3 +69,16 @@ def digits_classifier(tmp_path_factory) -> Path:
     xt, yt = dm.real_images("val")
     model, _ = train_classifier(x, y, xt, yt, epochs=1, seed=0, dataset="digits", log=None)
     return save_classifier(model, root / "digits-8px.pt")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint of a tiny MLP diffusion on 8x8 digits (30 steps, T = 50, EMA on)."""
+    from diffusion_lab.train import train
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    cfg = compose_config(root, FAST + ["callbacks=default", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
+                                       "trainer.max_steps=30", "trainer.val_check_interval=30",
+                                       "callbacks.model_checkpoint.every_n_train_steps=30"])
+    result = train(cfg)
+    return Path(result["last_checkpoint"])

@@ -1,0 +1,156 @@
+"""Evaluate a checkpoint, or train the digit classifier behind the classifier-feature metrics.
+
+    python -m diffusion_lab.evaluate ckpt=PATH metrics=[fid_classifier,kid,bpd] n=10000 \
+        sampler=dpm_solver sampler.steps=20
+    python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=/path/to/hoda
+
+The first prints a table and writes JSON beside the checkpoint; the second trains the CNN whose features
+and logits give ``fid_classifier``, ``kid_classifier``, ``is_classifier`` and the class histogram.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffusion_lab.checkpoint import load_module
+from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
+from diffusion_lab.sample import generate, resolve_device
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ALIASES = {"kid": "kid_classifier", "is": "is_classifier", "fid": None}
+
+__all__ = ["evaluate", "exact_bpd", "main"]
+
+
+def _metric_names(requested) -> tuple[list[str], bool]:
+    names, bpd = [], False
+    for name in requested:
+        name = str(name)
+        if name == "bpd":
+            bpd = True
+            continue
+        if name in ALIASES:
+            if ALIASES[name] is None:
+                raise ValueError("metric 'fid' is ambiguous: say fid_classifier or fid_inception")
+            name = ALIASES[name]
+        if name not in DISPLAY_NAMES:
+            raise ValueError(f"unknown metric '{name}'; choose from {sorted(DISPLAY_NAMES)} or bpd")
+        names.append(name)
+    return names, bpd
+
+
+@torch.no_grad()
+def exact_bpd(module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device, seed: int = 0):
+    """Mean and standard error of the full bound (all T terms + prior), in bits/dim, over ``images`` (uint8)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    per_image = []
+    conditional = bool(module.hparams.class_conditional)
+    for i in range(0, len(images), batch_size):
+        x0 = images[i : i + batch_size].to(device).float() / 127.5 - 1.0
+        y = labels[i : i + batch_size].to(device) if conditional else None
+        per_image.append(module.diffusion.bpd_bound(module.model, x0, y=y, generator=g)["total_bpd"].cpu())
+    values = torch.cat(per_image).double()
+    se = values.std().item() / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return values.mean().item(), se
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    names, want_bpd = _metric_names(cfg.metric_names)
+    device = resolve_device(cfg.device)
+    module, run_cfg, ckpt = load_module(cfg.ckpt, ema=cfg.ema)
+    with open_dict(run_cfg):
+        if cfg.data_root:
+            run_cfg.dataset.root = cfg.data_root
+    dm = instantiate(run_cfg.dataset)
+    dm.prepare_data()
+    results: dict = {"checkpoint": str(Path(cfg.ckpt).resolve()), "global_step": ckpt.get("global_step"),
+                     "dataset": dm.name, "ema": bool(cfg.ema)}
+    if names:
+        sampler = instantiate(cfg.sampler)
+        sname = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
+        start = time.perf_counter()
+        fake, _, nfe = generate(module, sampler, cfg.n, cfg.seed, cfg.batch_size, device)
+        results.update(sampler=sname, sampler_steps=cfg.sampler.get("steps"), nfe=nfe, n=int(cfg.n),
+                       sampling_seconds=round(time.perf_counter() - start, 2))
+        metric_cfg = run_cfg.get("metrics") or {}
+        classifier = cfg.classifier_path or metric_cfg.get("classifier_path")
+        suite = MetricSuite(names, classifier=classifier, inception_weights=cfg.inception_weights,
+                            cache_dir=metric_cfg.get("cache_dir"), device=device)
+        key = f"{dm.name}-{cfg.real_split}-{dm.image_size}px-{dm.channels}ch-n{cfg.n_real or 'all'}-" \
+              f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
+        start = time.perf_counter()
+        scores = suite.compute(fake, real=lambda: dm.real_images(cfg.real_split, cfg.n_real)[0], cache_key=key)
+        hist = scores.pop("class_histogram", None)
+        results.update({k: float(v) for k, v in scores.items()})
+        if hist is not None:
+            results["class_histogram"] = hist.tolist()
+        results["metric_seconds"] = round(time.perf_counter() - start, 2)
+    if want_bpd:
+        images, labels = dm.real_images(cfg.real_split, cfg.bpd_n)
+        start = time.perf_counter()
+        mean, se = exact_bpd(module.to(device), images, labels, cfg.bpd_batch_size, device, cfg.seed)
+        results.update(bpd=mean, bpd_stderr=se, bpd_images=len(images),
+                       bpd_seconds=round(time.perf_counter() - start, 2))
+    return results
+
+
+def _print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{results['dataset']} @ step {results['global_step']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        if k in ("checkpoint", "dataset", "global_step"):
+            continue
+        label = DISPLAY_NAMES.get(k, "bits/dim (exact bound)" if k == "bpd" else k)
+        table.add_row(label, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console().print(table)
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def _evaluate_main(cfg: DictConfig) -> None:
+    try:
+        results = evaluate(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    _print_table(results)
+    steps = results.get("sampler_steps")
+    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_suffix(
+        f".{results.get('sampler', 'bpd')}{steps or ''}-n{cfg.n}.eval.json")
+    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    print(f"written: {out}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "train_classifier":
+        from diffusion_lab.metrics.train_classifier import compose_config
+        from diffusion_lab.metrics.train_classifier import main as train_classifier_main
+
+        try:
+            train_classifier_main(compose_config(sys.argv[2:]))
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        return
+    # `metrics=[...]` sets metric_names: conf/metrics is a config group, so Hydra would read it as a choice.
+    sys.argv = [("metric_names=" + a.split("=", 1)[1]) if a.startswith("metrics=") else a for a in sys.argv]
+    _evaluate_main()
+
+
+if __name__ == "__main__":
+    main()
