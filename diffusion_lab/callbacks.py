@@ -17,7 +17,7 @@ from diffusion_lab.media import save_animation, save_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "SampleGrid", "ema_module", "run_dir"]
+__all__ = ["EMA", "SampleGrid", "SampleQuality", "FinalLastCheckpoint", "ema_module", "run_dir"]
 
 
 # ----------------------------------------------------------------------------------------------- EMA
@@ -72,6 +72,26 @@ def ema_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.Lightni
         if isinstance(cb, EMA) and cb.averaged is not None:
             return cb.averaged
     return pl_module
+
+
+class FinalLastCheckpoint(pl.Callback):
+    """Write ``last.ckpt`` when training ends at a step that the periodic saves did not reach.
+
+    It runs before the EMA callback's ``on_train_end`` (which copies the averages into the model), so the
+    checkpoint keeps the raw weights beside the EMA ones and a resumed run continues exactly.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        for cb in trainer.checkpoint_callbacks:
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
+                if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
+                    path = cb.last_model_path or str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}.ckpt")
+                    trainer.save_checkpoint(path)
+                    cb.last_model_path = path
+                    cb._last_checkpoint_saved = path
+                    cb._last_global_step_saved = trainer.global_step
 
 
 def run_dir(trainer: pl.Trainer) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.callbacks import EMA, SampleQuality
+from diffusion_lab.callbacks import EMA, FinalLastCheckpoint, SampleQuality
 from diffusion_lab.checkpoint import build_module, check_compatible, find_last_checkpoint, read_checkpoint
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.config_utils import print_config_tree
@@ -58,6 +59,8 @@ def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
         cb = instantiate(cb_cfg)
         (ema if isinstance(cb, EMA) else callbacks).append(cb)
         log.debug("callback %s: %s", name, type(cb).__name__)
+    if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
+        callbacks.append(FinalLastCheckpoint())
     return callbacks + ema  # the EMA last: it swaps weights around validation
 
 
@@ -89,6 +92,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths."""
     if cfg.get("print_config", True):
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg.trainer, callbacks=_callbacks(cfg) + _quality_callbacks(cfg), logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
+    start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    wall = time.perf_counter() - start
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     ckpts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
     last = next((cb.last_model_path for cb in ckpts if cb.last_model_path), None)
@@ -129,6 +136,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "best_checkpoint": best,
         "num_parameters": n_params,
         "global_step": trainer.global_step,
+        "wall_seconds": round(wall, 1),
     }
     if trainer.is_global_zero:
         OmegaConf.save(OmegaConf.create(result), out_dir / "result.yaml")

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the tests run many small ops, which a second thread slows down on a busy 2-core machine;
+# the training processes the tests start inherit it through DIFFUSION_LAB_THREADS.
+torch.set_num_threads(1)
+os.environ.setdefault("DIFFUSION_LAB_THREADS", "1")
 
 
 def shared_data_dir() -> Path:

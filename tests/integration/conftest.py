@@ -17,12 +17,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # The smallest real setup: 8x8 sklearn digits, a tiny MLP, few steps, no media.
-FAST = [
+MLP = ["model=mlp", "model.hidden_dim=64", "model.num_layers=2"]
+FAST_BASE = [
     "dataset=digits",
     "dataset.image_size=8",
-    "model=mlp",
-    "model.hidden_dim=64",
-    "model.num_layers=2",
     "logger=csv",
     "callbacks=none",
     "trainer.max_steps=3",
@@ -32,6 +30,7 @@ FAST = [
     "print_config=false",
     "schedule.timesteps=50",
 ]
+FAST = FAST_BASE + MLP
 
 
 def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
@@ -50,7 +49,9 @@ def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
 @pytest.fixture
 def make_cfg(tmp_path):
     def make(*overrides: str, fast: bool = True) -> DictConfig:
-        return compose_config(tmp_path, (FAST if fast else []) + list(overrides))
+        """The fast setup (tiny MLP unless a ``model=`` is given) plus ``overrides``."""
+        base = (FAST_BASE if any(o.startswith("model=") for o in overrides) else FAST) if fast else []
+        return compose_config(tmp_path, base + list(overrides))
 
     return make
 
