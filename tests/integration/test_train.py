@@ -30,7 +30,7 @@ def test_a_few_steps_each_objective_and_schedule(make_cfg, objective, schedule):
     assert result["global_step"] == 3
     m = result["metrics"]
     assert torch.isfinite(torch.tensor(m["train/loss"])) and torch.isfinite(torch.tensor(m["val/loss"]))
-    assert 0 < m["val/bpd"] < 100
+    assert 0 < m["val/bpd"] < 1e4  # an untrained model's bound is loose, but finite and positive
 
 
 def test_unet_with_checkpoint_samples_and_ema(make_cfg, tmp_path):
@@ -74,10 +74,14 @@ def test_every_config_instantiates(tmp_path):
                 else:
                     obj = instantiate(node)
                 assert obj is not None, f"{group}={option}"
-        for group in ["trainer", "logger", "callbacks", "experiment"]:
-            for option in groups.get(group, []):
+        for group in ["trainer", "logger", "callbacks"]:
+            for option in groups[group]:
                 cfg = compose("config", overrides=[f"{group}={option}"])
-                assert cfg[group] is not None or group == "experiment"
+                assert cfg[group] is not None, f"{group}={option}"
+        for option in groups["experiment"]:  # global presets: they compose, and their objects build
+            cfg = compose("config", overrides=[f"experiment={option}", f"paths.cache_dir={tmp_path}"])
+            assert instantiate(cfg.objective, _partial_=True)(schedule=instantiate(cfg.schedule)) is not None
+            assert instantiate(cfg.dataset).name == cfg.dataset.name
 
 
 def _run(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
