@@ -226,10 +226,10 @@ class SampleQuality(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
+            self.evaluate(trainer, pl_module, final=True)
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> dict[str, float]:
         import time
 
         from diffusion_lab.media import to_uint8
@@ -270,16 +270,23 @@ class SampleQuality(pl.Callback):
             values = {k: float(v) for k, v in results.items()}
         values = trainer.strategy.broadcast(values, src=0)
         seconds = time.perf_counter() - start
+        logged: dict[str, float] = {f"val/{k}": v for k, v in values.items()}
         for name, value in values.items():
-            pl_module.log(f"val/{name}", value, on_step=True, on_epoch=False)
             lower_better = name.startswith(("fid_", "kid_"))
             if name.startswith(("fid_", "kid_", "is_")) and not name.endswith("_std"):
                 old = self.best.get(name)
                 if old is None or (value < old if lower_better else value > old):
                     self.best[name] = value
-                pl_module.log(f"best/{name}", self.best[name], on_step=True, on_epoch=False)
-        pl_module.log("val/metric_samples", float(len(fake)), on_step=True, on_epoch=False)
-        pl_module.log("val/metric_seconds", seconds, on_step=True, on_epoch=False)
+                logged[f"best/{name}"] = self.best[name]
+        logged["val/metric_samples"] = float(len(fake))
+        logged["val/metric_seconds"] = seconds
+        if final:  # self.log is not allowed in on_train_end: write to the loggers and the callback metrics
+            for logger in trainer.loggers:
+                logger.log_metrics(logged, step=trainer.global_step)
+            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
+        else:
+            for key, value in logged.items():
+                pl_module.log(key, value, on_step=True, on_epoch=False)
         if trainer.is_global_zero:
             log.info("step %d: %s (%d samples, %s %s steps, %.1f s)", trainer.global_step,
                      ", ".join(f"{k}={v:.4g}" for k, v in values.items()), len(fake), self.sampler,
