@@ -226,10 +226,10 @@ class SampleQuality(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module, final=True)
+            self.evaluate(trainer, pl_module)
 
     @torch.no_grad()
-    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> dict[str, float]:
+    def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         import time
 
         from diffusion_lab.media import to_uint8
@@ -280,13 +280,11 @@ class SampleQuality(pl.Callback):
                 logged[f"best/{name}"] = self.best[name]
         logged["val/metric_samples"] = float(len(fake))
         logged["val/metric_seconds"] = seconds
-        if final:  # self.log is not allowed in on_train_end: write to the loggers and the callback metrics
-            for logger in trainer.loggers:
-                logger.log_metrics(logged, step=trainer.global_step)
-            trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
-        else:
-            for key, value in logged.items():
-                pl_module.log(key, value, on_step=True, on_epoch=False)
+        # Straight to the loggers (self.log would hold step values back until the next logging step, and is
+        # not allowed in on_train_end) and into the callback metrics that ModelCheckpoint monitors.
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=trainer.global_step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         if trainer.is_global_zero:
             log.info("step %d: %s (%d samples, %s %s steps, %.1f s)", trainer.global_step,
                      ", ".join(f"{k}={v:.4g}" for k, v in values.items()), len(fake), self.sampler,

@@ -178,3 +178,22 @@ def test_wandb_offline_run_holds_logged_keys(make_cfg):
 def test_tensorboard_logger(make_cfg):
     result = train(make_cfg("logger=tensorboard"))
     assert list(Path(result["output_dir"]).glob("tensorboard/events.out.tfevents.*"))
+
+
+def test_sample_quality_at_the_end_of_training(make_cfg, digits_classifier):
+    """FID during training: every N steps through self.log, and once more when training ends (where
+    Lightning forbids self.log) straight to the loggers; the best FID and its sample count are kept."""
+    cfg = make_cfg("metrics.every_n_steps=2", "metrics.n=16", f"metrics.classifier_path={digits_classifier}",
+                   "metrics.names=[fid_classifier,kid_classifier,class_histogram]", "metrics.sampler=ddim",
+                   "metrics.sampler_steps=3", "callbacks=default", "callbacks.progress_bar=null",
+                   "callbacks.sample_grid=null", "trainer.max_steps=3")
+    result = train(cfg)
+    m = result["metrics"]
+    assert m["val/metric_samples"] == 16 and m["val/fid_classifier"] > 0
+    assert m["best/fid_classifier"] <= m["val/fid_classifier"] + 1e-9
+    csv_text = (Path(result["output_dir"]) / "csv" / "metrics.csv").read_text()
+    header, *rows = csv_text.strip().splitlines()
+    col = header.split(",").index("val/fid_classifier")
+    steps = [r.split(",")[header.split(",").index("step")] for r in rows if r.split(",")[col]]
+    assert len(steps) == 2, "evaluated at step 2 and at the end (step 3)"
+    assert list(Path(result["output_dir"]).glob("checkpoints/best-fid_classifier-*.ckpt"))
