@@ -24,7 +24,7 @@ __all__ = ["EMA", "SampleGrid", "SampleQuality", "FinalLastCheckpoint", "ema_mod
 
 
 def _ema_update(decay: float, warmup: bool):
-    """multi_avg_fn for :class:`torch.optim.swa_utils.AveragedModel`: theta_ema <- d theta_ema + (1 - d) theta.
+    """multi_avg_fn for :class:`~torch.optim.swa_utils.AveragedModel`: ema <- d ema + (1 - d) theta.
 
     With warm-up the decay of the n-th update is min(decay, (1 + n) / (10 + n)), so that early averages are
     not dominated by the random initialisation.
@@ -51,7 +51,9 @@ class EMA(WeightAveraging):
     :func:`ema_module` to sample from them at any other time.
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1, **kwargs: Any):
+    def __init__(
+        self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1, **kwargs: Any
+    ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
         super().__init__(multi_avg_fn=_ema_update(decay, warmup), **kwargs)
@@ -110,8 +112,15 @@ class SampleGrid(pl.Callback):
     Under DDP each rank draws its share (seed + rank) and rank zero gathers and writes.
     """
 
-    def __init__(self, every_n_steps: int = 1000, num_samples: int = 64, sampler: Any = None,
-                 animation: bool = True, animation_frames: int = 40, seed: int = 1234):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        num_samples: int = 64,
+        sampler: Any = None,
+        animation: bool = True,
+        animation_frames: int = 40,
+        seed: int = 1234,
+    ):
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.sampler = sampler
@@ -148,8 +157,14 @@ class SampleGrid(pl.Callback):
         y = None
         if module.hparams.class_conditional:
             y = torch.arange(share, device=pl_module.device) % module.hparams.num_classes
-        samples = sampler(module.model, module.diffusion, x_T, generator=g, y=y,
-                          callback=callback if (self.animation and rank == 0) else None)
+        samples = sampler(
+            module.model,
+            module.diffusion,
+            x_T,
+            generator=g,
+            y=y,
+            callback=callback if (self.animation and rank == 0) else None,
+        )
         if world > 1:
             samples = pl_module.all_gather(samples).flatten(0, 1)
         samples = samples[: self.num_samples]
@@ -183,8 +198,9 @@ def log_media(trainer: pl.Trainer, grid_path: Path, gif_path: Path | None) -> No
 
                 logger.log_image(key="samples", images=[str(grid_path)], step=step)
                 if gif_path is not None:
-                    logger.experiment.log({"animation": wandb.Video(str(gif_path), format="gif"),
-                                           "trainer/global_step": step})
+                    logger.experiment.log(
+                        {"animation": wandb.Video(str(gif_path), format="gif"), "trainer/global_step": step}
+                    )
             elif isinstance(logger, TensorBoardLogger):
                 import numpy as np
                 from PIL import Image
@@ -208,14 +224,33 @@ class SampleQuality(pl.Callback):
     and broadcasts the values, so every rank logs the same numbers.
     """
 
-    def __init__(self, metrics_cfg: Any, every_n_steps: int = 5000, n: int = 1000, sampler: str = "dpm_solver",
-                 sampler_steps: int | None = 20, real_split: str = "test", n_real: int | None = None,
-                 sample_batch_size: int = 250, seed: int = 4321):
+    def __init__(
+        self,
+        metrics_cfg: Any,
+        every_n_steps: int = 5000,
+        n: int = 1000,
+        sampler: str = "dpm_solver",
+        sampler_steps: int | None = 20,
+        real_split: str = "test",
+        n_real: int | None = None,
+        sample_batch_size: int = 250,
+        seed: int = 4321,
+    ):
         from diffusion_lab.metrics import MetricSuite
 
         self.suite = MetricSuite.from_config(metrics_cfg)
-        self.every_n_steps, self.n, self.sampler, self.sampler_steps = every_n_steps, n, sampler, sampler_steps
-        self.real_split, self.n_real, self.sample_batch_size, self.seed = real_split, n_real, sample_batch_size, seed
+        self.every_n_steps, self.n, self.sampler, self.sampler_steps = (
+            every_n_steps,
+            n,
+            sampler,
+            sampler_steps,
+        )
+        self.real_split, self.n_real, self.sample_batch_size, self.seed = (
+            real_split,
+            n_real,
+            sample_batch_size,
+            seed,
+        )
         self.best: dict[str, float] = {}
         self._last_step = -1
 
@@ -249,8 +284,16 @@ class SampleQuality(pl.Callback):
             y = None
             if module.hparams.class_conditional:
                 y = (torch.arange(b, device=device) + i * self.sample_batch_size) % module.hparams.num_classes
-            x = sample(module.model, module.diffusion, (b, *module.image_shape), sampler=fn,
-                       steps=self.sampler_steps, seed=self.seed + 1000 * rank + i, device=device, y=y)
+            x = sample(
+                module.model,
+                module.diffusion,
+                (b, *module.image_shape),
+                sampler=fn,
+                steps=self.sampler_steps,
+                seed=self.seed + 1000 * rank + i,
+                device=device,
+                y=y,
+            )
             parts.append(to_uint8(x))
         if was_training:
             module.train()
@@ -262,10 +305,13 @@ class SampleQuality(pl.Callback):
         histogram = None
         if trainer.is_global_zero:
             dm = trainer.datamodule
-            key = f"{dm.name}-{self.real_split}-{dm.image_size}px-{dm.channels}ch-n{self.n_real or 'all'}-" \
-                  f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
-            results = self.suite.compute(fake, real=lambda: dm.real_images(self.real_split, self.n_real)[0],
-                                         cache_key=key)
+            key = (
+                f"{dm.name}-{self.real_split}-{dm.image_size}px-{dm.channels}ch-n{self.n_real or 'all'}-"
+                f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
+            )
+            results = self.suite.compute(
+                fake, real=lambda: dm.real_images(self.real_split, self.n_real)[0], cache_key=key
+            )
             histogram = results.pop("class_histogram", None)
             values = {k: float(v) for k, v in results.items()}
         values = trainer.strategy.broadcast(values, src=0)
@@ -286,9 +332,15 @@ class SampleQuality(pl.Callback):
             logger.log_metrics(logged, step=trainer.global_step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         if trainer.is_global_zero:
-            log.info("step %d: %s (%d samples, %s %s steps, %.1f s)", trainer.global_step,
-                     ", ".join(f"{k}={v:.4g}" for k, v in values.items()), len(fake), self.sampler,
-                     self.sampler_steps, seconds)
+            log.info(
+                "step %d: %s (%d samples, %s %s steps, %.1f s)",
+                trainer.global_step,
+                ", ".join(f"{k}={v:.4g}" for k, v in values.items()),
+                len(fake),
+                self.sampler,
+                self.sampler_steps,
+                seconds,
+            )
             if histogram is not None:
                 _log_histogram(trainer, histogram)
         return values
@@ -308,10 +360,17 @@ def _log_histogram(trainer: pl.Trainer, histogram: Tensor) -> None:
             try:
                 import wandb
 
-                table = wandb.Table(data=[[str(i), int(c)] for i, c in enumerate(histogram.tolist())],
-                                    columns=["class", "count"])
-                logger.experiment.log({"val/class_histogram": wandb.plot.bar(table, "class", "count",
-                                                                             title="classes of samples"),
-                                       "trainer/global_step": trainer.global_step})
+                table = wandb.Table(
+                    data=[[str(i), int(c)] for i, c in enumerate(histogram.tolist())],
+                    columns=["class", "count"],
+                )
+                logger.experiment.log(
+                    {
+                        "val/class_histogram": wandb.plot.bar(
+                            table, "class", "count", title="classes of samples"
+                        ),
+                        "trainer/global_step": trainer.global_step,
+                    }
+                )
             except Exception as e:  # never stop training for a chart
                 log.warning("could not log the class histogram to wandb: %s", e)

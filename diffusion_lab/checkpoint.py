@@ -8,18 +8,32 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["find_last_checkpoint", "read_checkpoint", "check_compatible", "build_module", "load_module",
-           "COMPAT_KEYS"]
+__all__ = [
+    "find_last_checkpoint",
+    "read_checkpoint",
+    "check_compatible",
+    "build_module",
+    "load_module",
+    "COMPAT_KEYS",
+]
 
 # Config entries that decide the shapes and meaning of the weights.
-COMPAT_KEYS = ("model", "objective", "schedule.timesteps", "dataset.channels", "dataset.image_size",
-               "class_conditional")
+COMPAT_KEYS = (
+    "model",
+    "objective",
+    "schedule.timesteps",
+    "dataset.channels",
+    "dataset.image_size",
+    "class_conditional",
+)
 
 
 def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path:
     """The newest ``last.ckpt`` among this task's runs (and multirun jobs)."""
     root = Path(log_dir) / task_name
-    found = sorted(root.glob("runs/*/checkpoints/last.ckpt")) + sorted(root.glob("multiruns/*/*/checkpoints/last.ckpt"))
+    found = sorted(root.glob("runs/*/checkpoints/last.ckpt")) + sorted(
+        root.glob("multiruns/*/*/checkpoints/last.ckpt")
+    )
     if not found:
         raise FileNotFoundError(
             f"ckpt_path=last: no last.ckpt under {root}; give the path instead (ckpt_path=/path/to/last.ckpt)"
@@ -34,8 +48,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise ValueError(f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); "
-                         "use another checkpoint (e.g. the previous step's)") from None
+        raise ValueError(
+            f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); "
+            "use another checkpoint (e.g. the previous step's)"
+        ) from None
     if "hyper_parameters" not in ckpt or not ckpt["hyper_parameters"].get("config"):
         raise ValueError(f"checkpoint {path} was not written by diffusion_lab (no run config inside)")
     return ckpt
@@ -69,8 +85,11 @@ def check_compatible(ckpt_config: dict, cfg: DictConfig | dict, path: str | Path
             if a.get(k) != b.get(k):
                 diffs.append(f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}")
     if diffs:
-        raise ValueError(f"checkpoint {path} does not fit this config: " + "; ".join(diffs)
-                         + " (use the checkpoint's settings or start a new run)")
+        raise ValueError(
+            f"checkpoint {path} does not fit this config: "
+            + "; ".join(diffs)
+            + " (use the checkpoint's settings or start a new run)"
+        )
 
 
 def build_module(cfg: DictConfig, image_shape: tuple[int, int, int], num_classes: int):
@@ -85,7 +104,10 @@ def build_module(cfg: DictConfig, image_shape: tuple[int, int, int], num_classes
     diffusion = instantiate(cfg.objective, _partial_=True)(schedule=schedule)
     C, H, _ = image_shape
     model = instantiate(
-        cfg.model, in_channels=C, out_channels=diffusion.model_out_channels(C), image_size=H,
+        cfg.model,
+        in_channels=C,
+        out_channels=diffusion.model_out_channels(C),
+        image_size=H,
         num_classes=num_classes if cfg.get("class_conditional", False) else None,
     )
     module = DiffusionModule(
@@ -114,6 +136,8 @@ def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
-        raise ValueError(f"checkpoint {path} does not match its own config: {str(e).splitlines()[0]}") from None
+        raise ValueError(
+            f"checkpoint {path} does not match its own config: {str(e).splitlines()[0]}"
+        ) from None
     module.eval()
     return module, cfg, ckpt

@@ -12,8 +12,20 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = ["print_config_tree"]
 
-ORDER = ("dataset", "model", "schedule", "objective", "sampler", "optimizer", "lr_scheduler", "trainer",
-         "callbacks", "logger", "metrics", "paths")
+ORDER = (
+    "dataset",
+    "model",
+    "schedule",
+    "objective",
+    "sampler",
+    "optimizer",
+    "lr_scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "metrics",
+    "paths",
+)
 
 
 @rank_zero_only

@@ -32,8 +32,15 @@ from diffusion_lab.likelihood import NATS_PER_BIT, discretized_gaussian_log_like
 from diffusion_lab.parameterization import Parameterization, get_parameterization
 from diffusion_lab.schedules import Schedule, betas_from_alphas_cumprod
 
-__all__ = ["GaussianDiffusion", "PMeanVariance", "ModelFn", "space_timesteps", "VARIANCES", "LOSSES",
-           "LOSS_WEIGHTINGS"]
+__all__ = [
+    "GaussianDiffusion",
+    "PMeanVariance",
+    "ModelFn",
+    "space_timesteps",
+    "VARIANCES",
+    "LOSSES",
+    "LOSS_WEIGHTINGS",
+]
 
 ModelFn = Callable[..., Tensor]  # model_fn(x_t (B,C,H,W), t (B,) int64, y=None) -> (B, C or 2C, H, W)
 
@@ -88,13 +95,17 @@ class GaussianDiffusion(nn.Module):
     ):
         super().__init__()
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule must be a diffusion_lab.schedules.Schedule, got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule must be a diffusion_lab.schedules.Schedule, got {type(schedule).__name__}"
+            )
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance '{variance}'; valid: {', '.join(VARIANCES)}")
         if loss not in LOSSES:
             raise ValueError(f"unknown loss '{loss}'; valid: {', '.join(LOSSES)}")
         if loss_weighting not in LOSS_WEIGHTINGS:
-            raise ValueError(f"unknown loss_weighting '{loss_weighting}'; valid: {', '.join(LOSS_WEIGHTINGS)}")
+            raise ValueError(
+                f"unknown loss_weighting '{loss_weighting}'; valid: {', '.join(LOSS_WEIGHTINGS)}"
+            )
         if loss == "hybrid" and not variance.startswith("learned"):
             raise ValueError("loss 'hybrid' trains the variance: use variance=learned_range (or learned)")
         self.schedule = schedule
@@ -116,7 +127,9 @@ class GaussianDiffusion(nn.Module):
         alphas_cumprod_prev = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
         # beta_tilde_1 = 0: clip the log at beta_tilde_2 (as Improved DDPM does).
-        posterior_log_variance_clipped = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
+        posterior_log_variance_clipped = torch.log(
+            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
+        )
         fixed_large_variance = torch.cat([posterior_variance[1:2], betas[1:]])
         tables = {
             "betas": betas,
@@ -130,7 +143,9 @@ class GaussianDiffusion(nn.Module):
             "posterior_log_variance_clipped": posterior_log_variance_clipped,
             # DDPM Eq. 7: mu_tilde = coef1 x_0 + coef2 x_t
             "posterior_mean_coef1": betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * (1.0 - betas).sqrt() / (1.0 - alphas_cumprod),
+            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev)
+            * (1.0 - betas).sqrt()
+            / (1.0 - alphas_cumprod),
             "fixed_large_variance": fixed_large_variance,
             "fixed_large_log_variance": torch.log(fixed_large_variance),
             "log_betas": torch.log(betas),
@@ -175,7 +190,8 @@ class GaussianDiffusion(nn.Module):
         if self.learned_variance:
             if out.shape[1] != 2 * C:
                 raise ValueError(
-                    f"variance '{self.variance}' needs a network with {2 * C} output channels, got {out.shape[1]}"
+                    f"variance '{self.variance}' needs a network with {2 * C} output channels, "
+                    f"got {out.shape[1]}"
                 )
             return out[:, :C], out[:, C:]
         if out.shape[1] != C:
@@ -199,7 +215,7 @@ class GaussianDiffusion(nn.Module):
             t:   (B,) int64, 0-based.
             eps: (B, C, H, W) ~ N(0, I).
         """
-        a = self.coef("sqrt_alphas_cumprod", t, x0)            # (B, 1, 1, 1)
+        a = self.coef("sqrt_alphas_cumprod", t, x0)  # (B, 1, 1, 1)
         s = self.coef("sqrt_one_minus_alphas_cumprod", t, x0)  # (B, 1, 1, 1)
         return a * x0 + s * eps
 
@@ -209,7 +225,9 @@ class GaussianDiffusion(nn.Module):
         Returns (mean, variance, clipped log-variance); at t = 0 the variance is 0 and the log-variance
         is clipped to log(beta_tilde) of the next step.
         """
-        mean = self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        mean = (
+            self.coef("posterior_mean_coef1", t, x_t) * x0 + self.coef("posterior_mean_coef2", t, x_t) * x_t
+        )
         var = self.coef("posterior_variance", t, x_t).expand_as(x_t)
         log_var = self.coef("posterior_log_variance_clipped", t, x_t).expand_as(x_t)
         return mean, var, log_var
@@ -252,8 +270,9 @@ class GaussianDiffusion(nn.Module):
                 pred_x0 = denoised_fn(pred_x0)
             pred_eps = self.eps_from_x0(x_t, t, pred_x0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return PMeanVariance(mean=mean, variance=log_var.exp(), log_variance=log_var, pred_x0=pred_x0,
-                             pred_eps=pred_eps)
+        return PMeanVariance(
+            mean=mean, variance=log_var.exp(), log_variance=log_var, pred_x0=pred_x0, pred_eps=pred_eps
+        )
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """eps = (x_t - sqrt(alpha_bar_t) x_0) / sqrt(1 - alpha_bar_t)   (inverse of DDPM Eq. 4)."""
@@ -286,7 +305,9 @@ class GaussianDiffusion(nn.Module):
         """L_T = KL(q(x_T | x_0) || N(0, I)) in bits/dim, shape (B,). Constant in the network."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
         mean, _, log_var = self.q_mean_variance(x0, t)
-        return mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / NATS_PER_BIT
+        return (
+            mean_flat(normal_kl(mean, log_var, torch.zeros_like(mean), torch.zeros_like(mean))) / NATS_PER_BIT
+        )
 
     # ------------------------------------------------------------------------------------------ losses
 
@@ -348,8 +369,9 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------------------------- likelihood
 
     @torch.no_grad()
-    def bpd_bound(self, model_fn: ModelFn, x0: Tensor, y: Tensor | None = None,
-                  generator: torch.Generator | None = None) -> dict[str, Tensor]:
+    def bpd_bound(
+        self, model_fn: ModelFn, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
         """The full negative log-likelihood bound in bits/dim: sum of all T terms plus the prior.
 
             -log p(x_0) <= L_T + sum_{t>1} L_{t-1} + L_0    (DDPM Eq. 5)
@@ -371,15 +393,18 @@ class GaussianDiffusion(nn.Module):
         return {"total_bpd": vb + prior, "prior_bpd": prior, "vb_bpd": vb, "terms_bpd": terms_t}
 
     @torch.no_grad()
-    def bpd_estimate(self, model_fn: ModelFn, x0: Tensor, y: Tensor | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
-        """Unbiased Monte Carlo estimate of the bound, (B,): T * L_t at one uniform t per example, plus L_T."""
+    def bpd_estimate(
+        self, model_fn: ModelFn, x0: Tensor, y: Tensor | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Unbiased Monte Carlo estimate of the bound, (B,): T * L_t at one uniform t per example + L_T."""
         B = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (B,), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = self.q_sample(x0, t, eps)
         out = self.run_model(model_fn, x_t, t, y)
-        return self.num_timesteps * self.vlb_terms(out.float(), x0.float(), x_t.float(), t) + self.prior_bpd(x0)
+        return self.num_timesteps * self.vlb_terms(out.float(), x0.float(), x_t.float(), t) + self.prior_bpd(
+            x0
+        )
 
     # -------------------------------------------------------------------------------------- respacing
 
@@ -398,13 +423,21 @@ class GaussianDiffusion(nn.Module):
         schedule = Schedule(name=f"{self.schedule.name}[respaced {len(keep)}]", betas=betas)
         old_map = self.timestep_map.cpu()
         return GaussianDiffusion(
-            schedule, self.parameterization, self.variance, self.loss_type, self.loss_weighting,
-            self.min_snr_gamma, self.hybrid_lambda, timestep_map=old_map[torch.tensor(keep)],
+            schedule,
+            self.parameterization,
+            self.variance,
+            self.loss_type,
+            self.loss_weighting,
+            self.min_snr_gamma,
+            self.hybrid_lambda,
+            timestep_map=old_map[torch.tensor(keep)],
         ).to(self.betas.device)
 
     def extra_repr(self) -> str:
-        return (f"schedule={self.schedule.name}, T={self.num_timesteps}, parameterization="
-                f"{self.parameterization.name}, variance={self.variance}, loss={self.loss_type}")
+        return (
+            f"schedule={self.schedule.name}, T={self.num_timesteps}, parameterization="
+            f"{self.parameterization.name}, variance={self.variance}, loss={self.loss_type}"
+        )
 
 
 def space_timesteps(num_timesteps: int, steps: int | str) -> list[int]:
@@ -438,4 +471,3 @@ def space_timesteps(num_timesteps: int, steps: int | str) -> list[int]:
         out.extend(start + p for p in picks)
         start += n
     return sorted(set(out))
-

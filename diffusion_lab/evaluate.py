@@ -51,7 +51,7 @@ def _metric_names(requested) -> tuple[list[str], bool]:
 
 @torch.no_grad()
 def exact_bpd(module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device, seed: int = 0):
-    """Mean and standard error of the full bound (all T terms + prior), in bits/dim, over ``images`` (uint8)."""
+    """Mean and standard error of the full bound (all T terms + prior) in bits/dim over uint8 ``images``."""
     g = torch.Generator(device=device).manual_seed(seed)
     per_image = []
     conditional = bool(module.hparams.class_conditional)
@@ -73,23 +73,41 @@ def evaluate(cfg: DictConfig) -> dict:
             run_cfg.dataset.root = cfg.data_root
     dm = instantiate(run_cfg.dataset)
     dm.prepare_data()
-    results: dict = {"checkpoint": str(Path(cfg.ckpt).resolve()), "global_step": ckpt.get("global_step"),
-                     "dataset": dm.name, "ema": bool(cfg.ema)}
+    results: dict = {
+        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "global_step": ckpt.get("global_step"),
+        "dataset": dm.name,
+        "ema": bool(cfg.ema),
+    }
     if names:
         sampler = instantiate(cfg.sampler)
         sname = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
         start = time.perf_counter()
         fake, _, nfe = generate(module, sampler, cfg.n, cfg.seed, cfg.batch_size, device)
-        results.update(sampler=sname, sampler_steps=cfg.sampler.get("steps"), nfe=nfe, n=int(cfg.n),
-                       sampling_seconds=round(time.perf_counter() - start, 2))
+        results.update(
+            sampler=sname,
+            sampler_steps=cfg.sampler.get("steps"),
+            nfe=nfe,
+            n=int(cfg.n),
+            sampling_seconds=round(time.perf_counter() - start, 2),
+        )
         metric_cfg = run_cfg.get("metrics") or {}
         classifier = cfg.classifier_path or metric_cfg.get("classifier_path")
-        suite = MetricSuite(names, classifier=classifier, inception_weights=cfg.inception_weights,
-                            cache_dir=metric_cfg.get("cache_dir"), device=device)
-        key = f"{dm.name}-{cfg.real_split}-{dm.image_size}px-{dm.channels}ch-n{cfg.n_real or 'all'}-" \
-              f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
+        suite = MetricSuite(
+            names,
+            classifier=classifier,
+            inception_weights=cfg.inception_weights,
+            cache_dir=metric_cfg.get("cache_dir"),
+            device=device,
+        )
+        key = (
+            f"{dm.name}-{cfg.real_split}-{dm.image_size}px-{dm.channels}ch-n{cfg.n_real or 'all'}-"
+            f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
+        )
         start = time.perf_counter()
-        scores = suite.compute(fake, real=lambda: dm.real_images(cfg.real_split, cfg.n_real)[0], cache_key=key)
+        scores = suite.compute(
+            fake, real=lambda: dm.real_images(cfg.real_split, cfg.n_real)[0], cache_key=key
+        )
         hist = scores.pop("class_histogram", None)
         results.update({k: float(v) for k, v in scores.items()})
         if hist is not None:
@@ -99,8 +117,9 @@ def evaluate(cfg: DictConfig) -> dict:
         images, labels = dm.real_images(cfg.real_split, cfg.bpd_n)
         start = time.perf_counter()
         mean, se = exact_bpd(module.to(device), images, labels, cfg.bpd_batch_size, device, cfg.seed)
-        results.update(bpd=mean, bpd_stderr=se, bpd_images=len(images),
-                       bpd_seconds=round(time.perf_counter() - start, 2))
+        results.update(
+            bpd=mean, bpd_stderr=se, bpd_images=len(images), bpd_seconds=round(time.perf_counter() - start, 2)
+        )
     return results
 
 
@@ -130,8 +149,11 @@ def _evaluate_main(cfg: DictConfig) -> None:
         sys.exit(1)
     _print_table(results)
     steps = results.get("sampler_steps")
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_suffix(
-        f".{results.get('sampler', 'bpd')}{steps or ''}-n{cfg.n}.eval.json")
+    out = (
+        Path(cfg.out)
+        if cfg.out
+        else Path(cfg.ckpt).with_suffix(f".{results.get('sampler', 'bpd')}{steps or ''}-n{cfg.n}.eval.json")
+    )
     out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
     print(f"written: {out}")
 

@@ -70,7 +70,7 @@ def discretized_gaussian_log_likelihood(
     inv_std = torch.exp(-log_scales)
     cdf_plus = cdf(inv_std * (centered + half_bin))
     cdf_min = cdf(inv_std * (centered - half_bin))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))           # log P(X <= upper) for the first bin
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))  # log P(X <= upper) for the first bin
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))  # log P(X > lower) for the last bin
     cdf_delta = cdf_plus - cdf_min
     log_mid = torch.log(cdf_delta.clamp(min=1e-12))

@@ -1,4 +1,4 @@
-"""The thin LightningModule: a backbone, a :class:`~diffusion_lab.diffusion.GaussianDiffusion` and an optimizer.
+"""The thin LightningModule: a backbone, a :class:`~diffusion_lab.diffusion.GaussianDiffusion`, an optimizer.
 
 All diffusion math lives in ``diffusion.py``; sampling grids, animations and FID live in callbacks.
 """
@@ -84,7 +84,7 @@ class DiffusionModule(pl.LightningModule):
     # -------------------------------------------------------------------------------------- training
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x0, y = batch                                                     # (B, C, H, W) in [-1, 1], (B,)
+        x0, y = batch  # (B, C, H, W) in [-1, 1], (B,)
         g = self._step_generator(stream=0)
         t = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device, generator=g)
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)

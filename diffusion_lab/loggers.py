@@ -43,13 +43,22 @@ def _wandb(cfg: DictConfig, out_dir: Path, run_cfg: DictConfig, group: str | Non
     _ = logger.experiment  # start the run now, so a failure shows here and not mid-training
     logger.log_hyperparams(OmegaConf.to_container(run_cfg, resolve=True))
     if offline:
-        log.warning("wandb: no credentials (or WANDB_MODE=offline): logging offline to %s/wandb; "
-                    "upload later with `wandb sync %s/wandb/offline-run-*`", out_dir, out_dir)
+        log.warning(
+            "wandb: no credentials (or WANDB_MODE=offline): logging offline to %s/wandb; "
+            "upload later with `wandb sync %s/wandb/offline-run-*`",
+            out_dir,
+            out_dir,
+        )
     return logger
 
 
-def build_loggers(cfg: DictConfig | None, out_dir: Path, run_cfg: DictConfig, group: str | None = None,
-                  extra_tags: list[str] | None = None) -> list[Logger]:
+def build_loggers(
+    cfg: DictConfig | None,
+    out_dir: Path,
+    run_cfg: DictConfig,
+    group: str | None = None,
+    extra_tags: list[str] | None = None,
+) -> list[Logger]:
     loggers: list[Logger] = []
     for name, lg_cfg in (cfg or {}).items():
         if lg_cfg is None or "_target_" not in lg_cfg:
@@ -58,7 +67,9 @@ def build_loggers(cfg: DictConfig | None, out_dir: Path, run_cfg: DictConfig, gr
             try:
                 loggers.append(_wandb(lg_cfg, out_dir, run_cfg, group, extra_tags or []))
             except Exception as e:  # wandb must never stop training
-                log.warning("wandb failed to start (%s: %s); continuing with the other loggers", type(e).__name__, e)
+                log.warning(
+                    "wandb failed to start (%s: %s); continuing with the other loggers", type(e).__name__, e
+                )
                 if not any("CSVLogger" in str(c.get("_target_", "")) for c in cfg.values() if c):
                     loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
             continue

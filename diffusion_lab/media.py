@@ -20,7 +20,7 @@ def to_uint8(x: Tensor) -> Tensor:
 
 
 def grid_image(images: Tensor, nrow: int | None = None, min_tile: int = 48) -> Tensor:
-    """uint8 (B, C, H, W) -> one uint8 (H', W', C) grid, tiles upscaled (nearest) to at least ``min_tile`` px."""
+    """uint8 (B, C, H, W) -> one uint8 (H', W', C) grid, tiles upscaled (nearest) to >= ``min_tile`` px."""
     B, C, H, W = images.shape
     scale = max(1, math.ceil(min_tile / max(H, W)))
     x = images.float()

@@ -30,4 +30,6 @@ def warmup_cosine(
     """A :class:`~torch.optim.lr_scheduler.LambdaLR` following :func:`warmup_cosine_factor`."""
     if total_steps is not None and total_steps < 0:  # Trainer(max_steps=-1): no known end, no decay
         total_steps = None
-    return LambdaLR(optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_ratio))
+    return LambdaLR(
+        optimizer, lambda step: warmup_cosine_factor(step, warmup_steps, total_steps, min_lr_ratio)
+    )

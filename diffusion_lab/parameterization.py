@@ -22,8 +22,14 @@ from torch import Tensor
 if TYPE_CHECKING:  # pragma: no cover
     from diffusion_lab.diffusion import GaussianDiffusion
 
-__all__ = ["Parameterization", "EpsPrediction", "X0Prediction", "VPrediction", "PARAMETERIZATIONS",
-           "get_parameterization"]
+__all__ = [
+    "Parameterization",
+    "EpsPrediction",
+    "X0Prediction",
+    "VPrediction",
+    "PARAMETERIZATIONS",
+    "get_parameterization",
+]
 
 
 class Parameterization:

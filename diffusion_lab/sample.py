@@ -39,9 +39,18 @@ def resolve_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def generate(module, sampler, n: int, seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-             label: int | None = None, guidance_scale: float = 1.0, frames: list | None = None):
-    """Draw ``n`` samples in batches (batch i uses seed + i). Returns (uint8 (n, C, H, W), labels (n,), nfe)."""
+def generate(
+    module,
+    sampler,
+    n: int,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    label: int | None = None,
+    guidance_scale: float = 1.0,
+    frames: list | None = None,
+):
+    """Draw ``n`` samples in batches (batch i uses seed + i): (uint8 (n, C, H, W), labels (n,), nfe)."""
     device = torch.device(device)
     module = module.to(device).eval()
     outs, labels, nfe = [], [], 0
@@ -49,17 +58,32 @@ def generate(module, sampler, n: int, seed: int = 0, batch_size: int = 256, devi
     for i in range(math.ceil(n / batch_size)):
         b = min(batch_size, n - i * batch_size)
         if conditional:
-            y = torch.full((b,), label, device=device) if label is not None else \
-                torch.arange(i * batch_size, i * batch_size + b, device=device) % module.hparams.num_classes
+            y = (
+                torch.full((b,), label, device=device)
+                if label is not None
+                else torch.arange(i * batch_size, i * batch_size + b, device=device)
+                % module.hparams.num_classes
+            )
         else:
             y = None
         callback = None
         if frames is not None and i == 0:
+
             def callback(j, t, x_t, pred_x0):
                 frames.append(to_uint8(x_t[:16].cpu()))
-        x, k = run_sampler(module.model, module.diffusion, (b, *module.image_shape), sampler=sampler,
-                           seed=seed + i, device=device, return_nfe=True, y=y, guidance_scale=guidance_scale,
-                           callback=callback)
+
+        x, k = run_sampler(
+            module.model,
+            module.diffusion,
+            (b, *module.image_shape),
+            sampler=sampler,
+            seed=seed + i,
+            device=device,
+            return_nfe=True,
+            y=y,
+            guidance_scale=guidance_scale,
+            callback=callback,
+        )
         outs.append(to_uint8(x.cpu()))
         labels.append(y.cpu() if y is not None else torch.full((b,), -1))
         nfe = k
@@ -78,20 +102,35 @@ def main(cfg: DictConfig) -> None:
     sampler = instantiate(cfg.sampler)
     name = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps
-    out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).resolve().parents[1] / "samples" / f"{name}-{steps}-seed{cfg.seed}"
+    out = (
+        Path(cfg.out)
+        if cfg.out
+        else Path(cfg.ckpt).resolve().parents[1] / "samples" / f"{name}-{steps}-seed{cfg.seed}"
+    )
     out.mkdir(parents=True, exist_ok=True)
     frames: list | None = [] if cfg.animation else None
     start = time.perf_counter()
-    images, labels, nfe = generate(module, sampler, cfg.n, cfg.seed, cfg.batch_size, resolve_device(cfg.device),
-                                   cfg.label, cfg.guidance_scale, frames)
+    images, labels, nfe = generate(
+        module,
+        sampler,
+        cfg.n,
+        cfg.seed,
+        cfg.batch_size,
+        resolve_device(cfg.device),
+        cfg.label,
+        cfg.guidance_scale,
+        frames,
+    )
     seconds = time.perf_counter() - start
     save_grid(images[: min(len(images), 256)], out / "grid.png")
     np.savez_compressed(out / "samples.npz", samples=images.numpy(), labels=labels.numpy())
     if frames:
         idx = torch.linspace(0, len(frames) - 1, min(cfg.animation_frames, len(frames))).round().long()
         save_animation([frames[i] for i in idx.tolist()], out / "animation.gif")
-    print(f"{cfg.n} samples ({name}, {nfe} network evaluations each, step {ckpt.get('global_step')}) in "
-          f"{seconds:.1f} s -> {out}")
+    print(
+        f"{cfg.n} samples ({name}, {nfe} network evaluations each, step {ckpt.get('global_step')}) in "
+        f"{seconds:.1f} s -> {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -85,16 +85,18 @@ def _linear(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) ->
 def _quadratic(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """Linear in sqrt(beta) between the (1000/T-scaled) end points."""
     scale = 1000.0 / timesteps
-    s = torch.linspace(math.sqrt(scale * beta_start), math.sqrt(scale * beta_end), timesteps,
-                       dtype=torch.float64)
+    s = torch.linspace(
+        math.sqrt(scale * beta_start), math.sqrt(scale * beta_end), timesteps, dtype=torch.float64
+    )
     return s**2
 
 
 def _geometric(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> Tensor:
     """beta_t = beta_start * (beta_end / beta_start)^((t-1)/(T-1)), end points scaled by 1000/T."""
     scale = 1000.0 / timesteps
-    return torch.logspace(math.log10(scale * beta_start), math.log10(scale * beta_end), timesteps,
-                          dtype=torch.float64)
+    return torch.logspace(
+        math.log10(scale * beta_start), math.log10(scale * beta_end), timesteps, dtype=torch.float64
+    )
 
 
 def _from_alpha_bar(fn: Callable[[Tensor], Tensor], timesteps: int, max_beta: float) -> Tensor:
@@ -107,13 +109,16 @@ def _from_alpha_bar(fn: Callable[[Tensor], Tensor], timesteps: int, max_beta: fl
 
 def _cosine(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
     """alpha_bar(t) = f(t)/f(0), f(t) = cos^2(((t/T) + s) / (1 + s) * pi/2)   (Improved DDPM, Eq. 17)."""
+
     def f(u: Tensor) -> Tensor:
         return torch.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
     return _from_alpha_bar(f, timesteps, max_beta)
 
 
-def _sigmoid(timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0,
-             max_beta: float = 0.999) -> Tensor:
+def _sigmoid(
+    timesteps: int, start: float = -3.0, end: float = 3.0, tau: float = 1.0, max_beta: float = 0.999
+) -> Tensor:
     """alpha_bar(t) = (v_end - sigmoid((t (end - start) + start) / tau)) / (v_end - v_start)
     (Chen 2023, Algorithm 1; Jabri et al. 2022)."""
     if not end > start:
@@ -125,6 +130,7 @@ def _sigmoid(timesteps: int, start: float = -3.0, end: float = 3.0, tau: float =
 
     def f(u: Tensor) -> Tensor:
         return (v_end - torch.sigmoid((u * (end - start) + start) / tau)) / (v_end - v_start)
+
     return _from_alpha_bar(f, timesteps, max_beta)
 
 

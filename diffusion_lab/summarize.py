@@ -24,8 +24,10 @@ def collect(multirun_dir: str | Path) -> tuple[list[dict], list[str], list[str]]
     if not root.is_dir():
         raise FileNotFoundError(f"multirun folder not found: {root}")
     rows, swept, metrics = [], [], []
-    for job in sorted((p for p in root.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
-                      key=lambda p: int(p.name) if p.name.isdigit() else p.name):
+    for job in sorted(
+        (p for p in root.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()),
+        key=lambda p: int(p.name) if p.name.isdigit() else p.name,
+    ):
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         row: dict = {"job": job.name}
         for o in overrides:
@@ -98,7 +100,9 @@ def _plot(rows: list[dict], swept: list[str], metric: str, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Summarise a Hydra multirun folder into CSV, markdown and a plot.")
+    parser = argparse.ArgumentParser(
+        description="Summarise a Hydra multirun folder into CSV, markdown and a plot."
+    )
     parser.add_argument("multirun_dir")
     parser.add_argument("--metric", default=None, help="metric to plot (default: best FID, else val/bpd)")
     args = parser.parse_args(argv)

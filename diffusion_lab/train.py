@@ -13,9 +13,9 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.callbacks import EMA, FinalLastCheckpoint, SampleQuality
@@ -71,20 +71,41 @@ def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         return []
     needs_classifier = any(not n.endswith("_inception") for n in m.names)
     if needs_classifier and not Path(m.classifier_path).is_file():
-        log.warning("metrics: no digit classifier at %s, so no FID during training; train one with "
-                    "`python -m diffusion_lab.evaluate train_classifier dataset=%s` (or set metrics.names)",
-                    m.classifier_path, cfg.dataset.name)
+        log.warning(
+            "metrics: no digit classifier at %s, so no FID during training; train one with "
+            "`python -m diffusion_lab.evaluate train_classifier dataset=%s` (or set metrics.names)",
+            m.classifier_path,
+            cfg.dataset.name,
+        )
         return []
-    quality = SampleQuality(m, every_n_steps=m.every_n_steps, n=m.n, sampler=m.sampler,
-                            sampler_steps=m.sampler_steps, real_split=m.real_split, n_real=m.get("n_real"))
+    quality = SampleQuality(
+        m,
+        every_n_steps=m.every_n_steps,
+        n=m.n,
+        sampler=m.sampler,
+        sampler_steps=m.sampler_steps,
+        real_split=m.real_split,
+        n_real=m.get("n_real"),
+    )
     callbacks: list[pl.Callback] = [quality]
-    first = "fid_classifier" if "fid_classifier" in m.names else next(
-        (n for n in m.names if n.startswith("fid_")), None)
+    first = (
+        "fid_classifier"
+        if "fid_classifier" in m.names
+        else next((n for n in m.names if n.startswith("fid_")), None)
+    )
     if first and cfg.get("callbacks"):
-        callbacks.append(ModelCheckpoint(
-            dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"), filename=f"best-{first}-step{{step:07d}}",
-            auto_insert_metric_name=False, monitor=f"val/{first}", mode="min", save_top_k=1,
-            every_n_train_steps=m.every_n_steps, save_on_train_epoch_end=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(Path(cfg.paths.output_dir) / "checkpoints"),
+                filename=f"best-{first}-step{{step:07d}}",
+                auto_insert_metric_name=False,
+                monitor=f"val/{first}",
+                mode="min",
+                save_top_k=1,
+                every_n_train_steps=m.every_n_steps,
+                save_on_train_epoch_end=False,
+            )
+        )
     return callbacks
 
 
@@ -119,13 +140,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         lg.log_hyperparams({"num_parameters": n_params})
 
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=_callbacks(cfg) + _quality_callbacks(cfg), logger=loggers or False,
+        cfg.trainer,
+        callbacks=_callbacks(cfg) + _quality_callbacks(cfg),
+        logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     wall = time.perf_counter() - start
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {
+        k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1
+    }
     ckpts = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
     last = next((cb.last_model_path for cb in ckpts if cb.last_model_path), None)
     best = next((cb.best_model_path for cb in ckpts if cb.monitor and cb.best_model_path), None)

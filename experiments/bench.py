@@ -81,7 +81,9 @@ def main() -> None:
     print("\n== loader vs training step (images/s; ratio = loader / training) ==")
     cases = [("digits 16x16", dict(name="digits", image_size=16, batch_size=64), 16, 64)]
     if Path(args.hoda).is_dir():
-        cases.append(("persian 32x32", dict(name="persian", root=args.hoda, image_size=32, batch_size=64), 32, 64))
+        cases.append(
+            ("persian 32x32", dict(name="persian", root=args.hoda, image_size=32, batch_size=64), 32, 64)
+        )
     else:
         print(f"(persian skipped: no Hoda files at {args.hoda})")
     for label, kw, size, batch in cases:

@@ -26,8 +26,18 @@ from diffusion_lab.metrics import MetricSuite
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import get_sampler
 
-CONFIGS = [("ddpm", 1000), ("ddpm", 250), ("ddpm", 100), ("ddim", 100), ("ddim", 50), ("ddim", 20), ("ddim", 10),
-           ("dpm_solver", 25), ("dpm_solver", 20), ("dpm_solver", 10)]
+CONFIGS = [
+    ("ddpm", 1000),
+    ("ddpm", 250),
+    ("ddpm", 100),
+    ("ddim", 100),
+    ("ddim", 50),
+    ("ddim", 20),
+    ("ddim", 10),
+    ("dpm_solver", 25),
+    ("dpm_solver", 20),
+    ("dpm_solver", 10),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default=None, help="where the checkpoint's dataset lives now")
     p.add_argument("--n", type=int, default=1000, help="samples per sampler setting")
     p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--classifier", default=None, help="digit classifier (default: the run's metrics.classifier_path)")
+    p.add_argument(
+        "--classifier", default=None, help="digit classifier (default: the run's metrics.classifier_path)"
+    )
     p.add_argument("--out", default="experiments/sampler_comparison")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="*", default=None, help="subset, e.g. ddim:10 dpm_solver:20")
@@ -52,8 +64,11 @@ def main(argv: list[str] | None = None) -> None:
             cfg.dataset.root = args.data_root
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
-    suite = MetricSuite(["fid_classifier", "kid_classifier", "class_histogram"],
-                        classifier=args.classifier or cfg.metrics.classifier_path, cache_dir=cfg.metrics.cache_dir)
+    suite = MetricSuite(
+        ["fid_classifier", "kid_classifier", "class_histogram"],
+        classifier=args.classifier or cfg.metrics.classifier_path,
+        cache_dir=cfg.metrics.cache_dir,
+    )
     real = dm.real_images("test")[0]
     key = f"{dm.name}-test-{dm.image_size}px-{dm.channels}ch-nall"
     suite.compute(real[:100], real=real, cache_key=key)  # real statistics once, outside the timings
@@ -67,29 +82,53 @@ def main(argv: list[str] | None = None) -> None:
         seconds = time.perf_counter() - start
         scores = suite.compute(fake, cache_key=key)
         hist = scores.pop("class_histogram").tolist()
-        row = {"sampler": name, "steps": steps, "nfe": nfe, "fid_classifier": scores["fid_classifier"],
-               "kid_classifier": scores["kid_classifier"], "class_entropy": scores["class_entropy"],
-               "seconds": round(seconds, 1), "seconds_per_1k": round(1000 * seconds / args.n, 1),
-               "class_histogram": hist}
+        row = {
+            "sampler": name,
+            "steps": steps,
+            "nfe": nfe,
+            "fid_classifier": scores["fid_classifier"],
+            "kid_classifier": scores["kid_classifier"],
+            "class_entropy": scores["class_entropy"],
+            "seconds": round(seconds, 1),
+            "seconds_per_1k": round(1000 * seconds / args.n, 1),
+            "class_histogram": hist,
+        }
         rows.append(row)
-        print(f"{name:>10} {steps:>5} steps  NFE {nfe:>5}  FID(classifier) {row['fid_classifier']:8.3f}  "
-              f"KID(classifier) {row['kid_classifier']:.4f}  {seconds:7.1f} s", flush=True)
+        print(
+            f"{name:>10} {steps:>5} steps  NFE {nfe:>5}  FID(classifier) {row['fid_classifier']:8.3f}  "
+            f"KID(classifier) {row['kid_classifier']:.4f}  {seconds:7.1f} s",
+            flush=True,
+        )
 
-    meta = {"checkpoint": str(Path(args.ckpt).resolve()), "global_step": ckpt.get("global_step"),
-            "dataset": f"{dm.name} {dm.image_size}x{dm.image_size} (real: test split, {len(real)} images)",
-            "model": cfg.model._target_.rsplit(".", 1)[-1], "schedule": cfg.schedule.name,
-            "timesteps": cfg.schedule.timesteps, "objective": cfg.objective.parameterization,
-            "n_samples": args.n, "hardware": f"{platform.processor() or platform.machine()}, "
-            f"{torch.get_num_threads()} torch threads, CPU only", "torch": torch.__version__}
+    meta = {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "global_step": ckpt.get("global_step"),
+        "dataset": f"{dm.name} {dm.image_size}x{dm.image_size} (real: test split, {len(real)} images)",
+        "model": cfg.model._target_.rsplit(".", 1)[-1],
+        "schedule": cfg.schedule.name,
+        "timesteps": cfg.schedule.timesteps,
+        "objective": cfg.objective.parameterization,
+        "n_samples": args.n,
+        "hardware": f"{platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch threads, CPU only",
+        "torch": torch.__version__,
+    }
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    lines = [f"Checkpoint: {meta['dataset']}, {meta['model']}, {meta['schedule']} schedule (T = {meta['timesteps']}), "
-             f"{meta['objective']} objective, EMA weights at step {meta['global_step']}. {args.n} samples per row "
-             f"(seed 0). Hardware: {meta['hardware']}.", "",
-             "| sampler | steps | NFE | FID (classifier features) | KID (classifier features) | class entropy | "
-             "wall time (s) | s per 1k samples |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Checkpoint: {meta['dataset']}, {meta['model']}, {meta['schedule']} schedule "
+        f"(T = {meta['timesteps']}), "
+        f"{meta['objective']} objective, EMA weights at step {meta['global_step']}. {args.n} samples per row "
+        f"(seed 0). Hardware: {meta['hardware']}.",
+        "",
+        "| sampler | steps | NFE | FID (classifier features) | KID (classifier features) | class entropy | "
+        "wall time (s) | s per 1k samples |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid_classifier']:.3f} | "
-                     f"{r['kid_classifier']:.4f} | {r['class_entropy']:.3f} | {r['seconds']} | {r['seconds_per_1k']} |")
+        lines.append(
+            f"| {r['sampler']} | {r['steps']} | {r['nfe']} | {r['fid_classifier']:.3f} | "
+            f"{r['kid_classifier']:.4f} | {r['class_entropy']:.3f} | {r['seconds']} | {r['seconds_per_1k']} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _plot(rows, out / "fid_vs_nfe.png")
     print("\n".join(lines))
@@ -105,7 +144,9 @@ def _plot(rows: list[dict], path: Path) -> None:
     for name, marker in (("ddpm", "o"), ("ddim", "s"), ("dpm_solver", "^")):
         pts = sorted((r["nfe"], r["fid_classifier"]) for r in rows if r["sampler"] == name)
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label={"dpm_solver": "DPM-Solver++(2M)"}.get(name, name.upper()))
+            ax.plot(
+                *zip(*pts), marker=marker, label={"dpm_solver": "DPM-Solver++(2M)"}.get(name, name.upper())
+            )
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations (NFE)")
     ax.set_ylabel("FID (classifier features)")

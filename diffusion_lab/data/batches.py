@@ -69,7 +69,7 @@ class ResumableBatches:
         self.epoch, self.consumed = int(state["epoch"]), int(state["consumed"])
 
     def __repr__(self) -> str:
-        return (f"ResumableBatches(n={len(self.dataset)}, batch_size={self.batch_size}, rank={self.rank}/"
-                f"{self.world_size}, epoch={self.epoch}, consumed={self.consumed})")
-
-
+        return (
+            f"ResumableBatches(n={len(self.dataset)}, batch_size={self.batch_size}, rank={self.rank}/"
+            f"{self.world_size}, epoch={self.epoch}, consumed={self.consumed})"
+        )

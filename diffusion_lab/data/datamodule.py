@@ -60,8 +60,9 @@ class TensorBatches(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitems__(self, batch: list[int] | Tensor, generator: torch.Generator | None = None
-                      ) -> tuple[Tensor, Tensor]:
+    def __getitems__(
+        self, batch: list[int] | Tensor, generator: torch.Generator | None = None
+    ) -> tuple[Tensor, Tensor]:
         # one thread: these few-microsecond ops slow down 10-100x when torch's thread pool meets a busy CPU
         with single_thread():
             rows = self.index[torch.as_tensor(batch, dtype=torch.int64)]
@@ -276,10 +277,14 @@ class DiffusionDataModule(L.LightningDataModule):
         """Seeded, rank-sharded training batches that resume mid-epoch (see :class:`ResumableBatches`)."""
         ds = self.dataset("train")
         if len(ds) == 0:
-            raise ValueError(f"dataset '{self.name}': the training split is empty; lower dataset.val_fraction")
+            raise ValueError(
+                f"dataset '{self.name}': the training split is empty; lower dataset.val_fraction"
+            )
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        self._train_batches = ResumableBatches(ds, self.batch_size, seed=self.seed, rank=rank, world_size=world)
+        self._train_batches = ResumableBatches(
+            ds, self.batch_size, seed=self.seed, rank=rank, world_size=world
+        )
         if self._pending_state is not None:
             self._train_batches.load_state_dict(self._pending_state)
             self._pending_state = None

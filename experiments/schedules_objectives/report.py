@@ -38,12 +38,20 @@ def main(argv: list[str] | None = None) -> None:
         job = root / r["job"]
         if r.get("status") != "done":
             continue
-        table.append({
-            "schedule": r.get("schedule"), "objective": r.get("objective"),
-            "fid_classifier": r.get("val/fid_classifier"), "fid_samples": r.get("val/metric_samples"),
-            "val_bpd": r.get("val/bpd"), "train_loss": r.get("train/loss"), "val_loss": r.get("val/loss"),
-            "steps": r.get("global_step"), "wall_s": round(_wall_seconds(job)), "job": r["job"],
-        })
+        table.append(
+            {
+                "schedule": r.get("schedule"),
+                "objective": r.get("objective"),
+                "fid_classifier": r.get("val/fid_classifier"),
+                "fid_samples": r.get("val/metric_samples"),
+                "val_bpd": r.get("val/bpd"),
+                "train_loss": r.get("train/loss"),
+                "val_loss": r.get("val/loss"),
+                "steps": r.get("global_step"),
+                "wall_s": round(_wall_seconds(job)),
+                "job": r["job"],
+            }
+        )
     table.sort(key=lambda t: (SCHEDULES.index(t["schedule"]), OBJECTIVES.index(t["objective"])))
     hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) per run, no GPU"
     with open(out / "results.csv", "w", newline="") as f:
@@ -51,13 +59,19 @@ def main(argv: list[str] | None = None) -> None:
         w.writeheader()
         w.writerows(table)
     n = int(table[0]["fid_samples"] or 0)
-    lines = [f"Hardware: {hardware}. Total wall time: {sum(t['wall_s'] for t in table) / 60:.1f} min "
-             f"for {len(table)} runs.", "",
-             f"| schedule | objective | FID (classifier features, {n} samples) | val bits/dim (MC) | "
-             "train loss | val loss | steps | wall time (s) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Hardware: {hardware}. Total wall time: {sum(t['wall_s'] for t in table) / 60:.1f} min "
+        f"for {len(table)} runs.",
+        "",
+        f"| schedule | objective | FID (classifier features, {n} samples) | val bits/dim (MC) | "
+        "train loss | val loss | steps | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for t in table:
-        lines.append(f"| {t['schedule']} | {t['objective']} | {t['fid_classifier']:.2f} | {t['val_bpd']:.3f} | "
-                     f"{t['train_loss']:.4f} | {t['val_loss']:.4f} | {t['steps']} | {t['wall_s']} |")
+        lines.append(
+            f"| {t['schedule']} | {t['objective']} | {t['fid_classifier']:.2f} | {t['val_bpd']:.3f} | "
+            f"{t['train_loss']:.4f} | {t['val_loss']:.4f} | {t['steps']} | {t['wall_s']} |"
+        )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _montage(root, table, out / "samples.png")
@@ -70,7 +84,9 @@ def _montage(root: Path, table: list[dict], path: Path) -> None:
     import matplotlib.image as mpimg
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(SCHEDULES), len(OBJECTIVES), figsize=(3 * len(OBJECTIVES), 3.2 * len(SCHEDULES)))
+    fig, axes = plt.subplots(
+        len(SCHEDULES), len(OBJECTIVES), figsize=(3 * len(OBJECTIVES), 3.2 * len(SCHEDULES))
+    )
     for ax in axes.flat:
         ax.axis("off")
     for t in table:
@@ -78,7 +94,9 @@ def _montage(root: Path, table: list[dict], path: Path) -> None:
         if grid.is_file():
             ax = axes[SCHEDULES.index(t["schedule"])][OBJECTIVES.index(t["objective"])]
             ax.imshow(mpimg.imread(grid), cmap="gray")
-            ax.set_title(f"{t['schedule']} / {t['objective']}\nFID(clf) {t['fid_classifier']:.1f}", fontsize=9)
+            ax.set_title(
+                f"{t['schedule']} / {t['objective']}\nFID(clf) {t['fid_classifier']:.1f}", fontsize=9
+            )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

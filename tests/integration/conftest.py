@@ -78,8 +78,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from diffusion_lab.train import train
 
     root = tmp_path_factory.mktemp("tiny_ckpt")
-    cfg = compose_config(root, FAST + ["callbacks=default", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
-                                       "trainer.max_steps=30", "trainer.val_check_interval=30",
-                                       "callbacks.model_checkpoint.every_n_train_steps=30"])
+    cfg = compose_config(
+        root,
+        FAST
+        + [
+            "callbacks=default",
+            "callbacks.sample_grid=null",
+            "callbacks.progress_bar=null",
+            "trainer.max_steps=30",
+            "trainer.val_check_interval=30",
+            "callbacks.model_checkpoint.every_n_train_steps=30",
+        ],
+    )
     result = train(cfg)
     return Path(result["last_checkpoint"])

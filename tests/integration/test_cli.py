@@ -15,15 +15,32 @@ import numpy as np
 def _cli(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline"}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_sample_command_writes_grid_npz_animation(tiny_checkpoint, tmp_path):
     outs = []
     for name in ("a", "b"):
-        r = _cli("diffusion_lab.sample", [f"ckpt={tiny_checkpoint}", "n=6", "sampler=ddim", "sampler.steps=5",
-                                          "seed=0", f"out={tmp_path / name}", "animation=true"], tmp_path)
+        r = _cli(
+            "diffusion_lab.sample",
+            [
+                f"ckpt={tiny_checkpoint}",
+                "n=6",
+                "sampler=ddim",
+                "sampler.steps=5",
+                "seed=0",
+                f"out={tmp_path / name}",
+                "animation=true",
+            ],
+            tmp_path,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert "5 network evaluations" in r.stdout
         outs.append(np.load(tmp_path / name / "samples.npz"))
@@ -44,9 +61,20 @@ def test_sample_command_bad_checkpoint(tmp_path):
 
 def test_evaluate_command(tiny_checkpoint, digits_classifier, tmp_path):
     out = tmp_path / "eval.json"
-    r = _cli("diffusion_lab.evaluate", [f"ckpt={tiny_checkpoint}", "metrics=[fid_classifier,kid,class_histogram,bpd]",
-                                        "n=40", "sampler=ddim", "sampler.steps=5",
-                                        f"classifier_path={digits_classifier}", "bpd_n=6", f"out={out}"], tmp_path)
+    r = _cli(
+        "diffusion_lab.evaluate",
+        [
+            f"ckpt={tiny_checkpoint}",
+            "metrics=[fid_classifier,kid,class_histogram,bpd]",
+            "n=40",
+            "sampler=ddim",
+            "sampler.steps=5",
+            f"classifier_path={digits_classifier}",
+            "bpd_n=6",
+            f"out={out}",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert res["n"] == 40 and res["nfe"] == 5
@@ -60,8 +88,17 @@ def test_evaluate_command(tiny_checkpoint, digits_classifier, tmp_path):
 
 def test_train_classifier_command(tmp_path):
     clf = tmp_path / "clf.pt"
-    r = _cli("diffusion_lab.evaluate", ["train_classifier", "dataset=digits", "dataset.image_size=8",
-                                        "metrics.classifier_epochs=1", f"metrics.classifier_path={clf}",
-                                        f"paths.cache_dir={tmp_path}/cache"], tmp_path)
+    r = _cli(
+        "diffusion_lab.evaluate",
+        [
+            "train_classifier",
+            "dataset=digits",
+            "dataset.image_size=8",
+            "metrics.classifier_epochs=1",
+            f"metrics.classifier_path={clf}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert clf.is_file() and "test accuracy" in r.stdout

@@ -1,4 +1,4 @@
-"""Scale-out: DDP with 2 CPU processes, Hydra multiruns (basic and joblib launchers), SLURM config, summary."""
+"""Scale-out: DDP in 2 CPU processes, Hydra multiruns (basic and joblib launchers), SLURM config, summary."""
 
 from __future__ import annotations
 
@@ -18,26 +18,58 @@ from diffusion_lab.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 
-TINY = ["dataset=digits", "dataset.image_size=8", "model=mlp", "model.hidden_dim=64", "model.num_layers=2",
-        "logger=csv", "callbacks.progress_bar=null", "trainer.enable_progress_bar=false",
-        "callbacks.sample_grid.num_samples=8", "sampler=ddim", "sampler.steps=5", "schedule.timesteps=50",
-        "print_config=false", "trainer.limit_val_batches=2"]
+TINY = [
+    "dataset=digits",
+    "dataset.image_size=8",
+    "model=mlp",
+    "model.hidden_dim=64",
+    "model.num_layers=2",
+    "logger=csv",
+    "callbacks.progress_bar=null",
+    "trainer.enable_progress_bar=false",
+    "callbacks.sample_grid.num_samples=8",
+    "sampler=ddim",
+    "sampler.steps=5",
+    "schedule.timesteps=50",
+    "print_config=false",
+    "trainer.limit_val_batches=2",
+]
 
 
 def _train(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_ddp_cpu_two_processes(tmp_path, digits_classifier):
     """2 gloo processes: a few steps, a sample grid and a classifier-feature FID from both ranks' samples,
     one checkpoint folder, one run directory."""
-    r = _train(TINY + ["trainer=ddp_cpu", "trainer.devices=2", "trainer.max_steps=6", "trainer.val_check_interval=3",
-                       "callbacks.sample_grid.every_n_steps=6", "callbacks.model_checkpoint.every_n_train_steps=3",
-                       "metrics.every_n_steps=6", "metrics.n=32", f"metrics.classifier_path={digits_classifier}",
-                       "metrics.names=[fid_classifier,class_histogram]", "metrics.sampler_steps=4",
-                       f"paths.log_dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"], tmp_path)
+    r = _train(
+        TINY
+        + [
+            "trainer=ddp_cpu",
+            "trainer.devices=2",
+            "trainer.max_steps=6",
+            "trainer.val_check_interval=3",
+            "callbacks.sample_grid.every_n_steps=6",
+            "callbacks.model_checkpoint.every_n_train_steps=3",
+            "metrics.every_n_steps=6",
+            "metrics.n=32",
+            f"metrics.classifier_path={digits_classifier}",
+            "metrics.names=[fid_classifier,class_histogram]",
+            "metrics.sampler_steps=4",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ],
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in r.stderr + r.stdout, "two processes ran"
     runs = list((tmp_path / "train" / "runs").iterdir())
@@ -57,10 +89,20 @@ def test_ddp_cpu_two_processes(tmp_path, digits_classifier):
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
 def test_multirun_two_by_two(tmp_path, launcher):
-    args = ["-m"] + TINY + ["objective=eps,v", "schedule=linear,cosine", "trainer.max_steps=3",
-                   "trainer.val_check_interval=3", "callbacks.sample_grid.every_n_steps=0",
-                   "callbacks.model_checkpoint.every_n_train_steps=3", f"paths.log_dir={tmp_path}",
-                   f"paths.cache_dir={tmp_path}/cache"]
+    args = (
+        ["-m"]
+        + TINY
+        + [
+            "objective=eps,v",
+            "schedule=linear,cosine",
+            "trainer.max_steps=3",
+            "trainer.val_check_interval=3",
+            "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.model_checkpoint.every_n_train_steps=3",
+            f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path}/cache",
+        ]
+    )
     if launcher == "joblib":
         args += ["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"]
     r = _train(args, tmp_path, timeout=600)
@@ -73,7 +115,11 @@ def test_multirun_two_by_two(tmp_path, launcher):
     rows, swept, metrics = collect(sweep)
     assert len(rows) == 4 and set(swept) == {"objective", "schedule"}
     assert {(r["objective"], r["schedule"]) for r in rows} == {
-        ("eps", "linear"), ("eps", "cosine"), ("v", "linear"), ("v", "cosine")}
+        ("eps", "linear"),
+        ("eps", "cosine"),
+        ("v", "linear"),
+        ("v", "cosine"),
+    }
     assert "val/loss" in metrics
     table = out["md"].read_text().strip().splitlines()
     assert len(table) == 2 + 4
@@ -84,9 +130,18 @@ def test_slurm_launcher_config_renders(tmp_path):
     """The SLURM launcher cannot run here: check that it composes and renders its submission parameters."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
-                                           "trainer.num_nodes=2", "hydra.launcher.partition=gpu",
-                                           "hydra.launcher.timeout_min=90"], return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.devices=4",
+                "trainer.num_nodes=2",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.timeout_min=90",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.timeout_min == 90

@@ -34,10 +34,18 @@ def test_a_few_steps_each_objective_and_schedule(make_cfg, objective, schedule):
 
 
 def test_unet_with_checkpoint_samples_and_ema(make_cfg, tmp_path):
-    cfg = make_cfg("model=unet_tiny", "callbacks=default", "callbacks.sample_grid.every_n_steps=2",
-                   "callbacks.sample_grid.num_samples=4", "callbacks.model_checkpoint.every_n_train_steps=3",
-                   "sampler=ddim", "sampler.steps=5", "trainer.max_steps=4", "trainer.val_check_interval=2",
-                   "callbacks.progress_bar=null")
+    cfg = make_cfg(
+        "model=unet_tiny",
+        "callbacks=default",
+        "callbacks.sample_grid.every_n_steps=2",
+        "callbacks.sample_grid.num_samples=4",
+        "callbacks.model_checkpoint.every_n_train_steps=3",
+        "sampler=ddim",
+        "sampler.steps=5",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "callbacks.progress_bar=null",
+    )
     result = train(cfg)
     run = Path(result["output_dir"])
     assert (run / "checkpoints" / "last.ckpt").is_file()
@@ -58,7 +66,9 @@ def test_unet_with_checkpoint_samples_and_ema(make_cfg, tmp_path):
 def test_every_config_instantiates(tmp_path):
     """Each option of each group composes and its object builds."""
     GlobalHydra.instance().clear()
-    groups = {p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    groups = {
+        p.name: sorted(q.stem for q in p.glob("*.yaml")) for p in Path(CONF_DIR).iterdir() if p.is_dir()
+    }
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for group in ["schedule", "objective", "sampler", "optimizer", "lr_scheduler", "model", "dataset"]:
             for option in groups[group]:
@@ -87,8 +97,14 @@ def test_every_config_instantiates(tmp_path):
 def _run(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env_extra or {})}
     env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_unknown_choice_and_bad_value_exit_cleanly(tmp_path):
@@ -96,19 +112,38 @@ def test_unknown_choice_and_bad_value_exit_cleanly(tmp_path):
     assert r.returncode != 0
     assert "cosine" in r.stderr and "linear" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    r = _run(["schedule.timesteps=1", "logger=csv", f"paths.log_dir={tmp_path}", "print_config=false"], tmp_path)
+    r = _run(
+        ["schedule.timesteps=1", "logger=csv", f"paths.log_dir={tmp_path}", "print_config=false"], tmp_path
+    )
     assert r.returncode != 0
     assert "timesteps must be an integer >= 2" in r.stderr
     assert "Traceback" not in r.stderr
 
 
 def _fast_cli(tmp_path: Path, steps: int) -> list[str]:
-    return ["dataset=digits", "dataset.image_size=8", "model=mlp", "model.hidden_dim=64", "model.num_layers=2",
-            "logger=csv", "callbacks=default", "callbacks.sample_grid=null", "callbacks.progress_bar=null",
-            "callbacks.model_checkpoint.every_n_train_steps=5", f"trainer.max_steps={steps}",
-            "trainer.val_check_interval=1000", "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
-            "schedule.timesteps=50", "print_config=false", "seed=7", f"paths.log_dir={tmp_path}",
-            f"paths.cache_dir={tmp_path}/cache", "trainer.deterministic=true", "dataset.batch_size=32"]
+    return [
+        "dataset=digits",
+        "dataset.image_size=8",
+        "model=mlp",
+        "model.hidden_dim=64",
+        "model.num_layers=2",
+        "logger=csv",
+        "callbacks=default",
+        "callbacks.sample_grid=null",
+        "callbacks.progress_bar=null",
+        "callbacks.model_checkpoint.every_n_train_steps=5",
+        f"trainer.max_steps={steps}",
+        "trainer.val_check_interval=1000",
+        "trainer.limit_val_batches=1",
+        "trainer.enable_progress_bar=false",
+        "schedule.timesteps=50",
+        "print_config=false",
+        "seed=7",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+        "trainer.deterministic=true",
+        "dataset.batch_size=32",
+    ]
 
 
 def _weights(ckpt: Path) -> dict:
@@ -133,7 +168,9 @@ def test_resume_after_kill_matches_straight_run(tmp_path):
     (b_ckpt,) = (tmp_path / "b").glob("train/runs/*/checkpoints/last.ckpt")
     resumed = _run(_fast_cli(tmp_path / "b", 2 * N) + [f"ckpt_path={b_ckpt}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    finals = sorted((tmp_path / "b").glob("train/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    finals = sorted(
+        (tmp_path / "b").glob("train/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
+    )
     sa, raw_a, ema_a, opt_a = _weights(a_ckpt)
     sb, raw_b, ema_b, opt_b = _weights(finals[-1])
     assert sa == sb == 2 * N
@@ -157,10 +194,18 @@ def test_incompatible_checkpoint_is_refused(tmp_path):
 
 
 def test_wandb_offline_run_holds_logged_keys(make_cfg):
-    cfg = make_cfg("logger=wandb", "trainer.max_steps=4", "trainer.val_check_interval=4",
-                   "trainer.log_every_n_steps=1", "model=unet_tiny", "callbacks=default",
-                   "callbacks.progress_bar=null", "callbacks.sample_grid.num_samples=4", "sampler=ddim",
-                   "sampler.steps=3")
+    cfg = make_cfg(
+        "logger=wandb",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "model=unet_tiny",
+        "callbacks=default",
+        "callbacks.progress_bar=null",
+        "callbacks.sample_grid.num_samples=4",
+        "sampler=ddim",
+        "sampler.steps=3",
+    )
     result = train(cfg)
     import wandb
 
@@ -170,8 +215,16 @@ def test_wandb_offline_run_holds_logged_keys(make_cfg):
     # The offline run file holds protobuf records, whose keys are stored as plain UTF-8 strings.
     (records,) = run_dirs[0].glob("run-*.wandb")
     data = records.read_bytes()
-    for key in ("train/loss", "val/loss", "val/bpd", "train/grad_norm", "train/images_per_sec",
-                "num_parameters", "objective", "samples"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "val/bpd",
+        "train/grad_norm",
+        "train/images_per_sec",
+        "num_parameters",
+        "objective",
+        "samples",
+    ):
         assert key.encode() in data, f"{key} missing from the wandb run"
 
 
@@ -183,10 +236,18 @@ def test_tensorboard_logger(make_cfg):
 def test_sample_quality_at_the_end_of_training(make_cfg, digits_classifier):
     """FID during training: every N steps through self.log, and once more when training ends (where
     Lightning forbids self.log) straight to the loggers; the best FID and its sample count are kept."""
-    cfg = make_cfg("metrics.every_n_steps=2", "metrics.n=16", f"metrics.classifier_path={digits_classifier}",
-                   "metrics.names=[fid_classifier,kid_classifier,class_histogram]", "metrics.sampler=ddim",
-                   "metrics.sampler_steps=3", "callbacks=default", "callbacks.progress_bar=null",
-                   "callbacks.sample_grid=null", "trainer.max_steps=3")
+    cfg = make_cfg(
+        "metrics.every_n_steps=2",
+        "metrics.n=16",
+        f"metrics.classifier_path={digits_classifier}",
+        "metrics.names=[fid_classifier,kid_classifier,class_histogram]",
+        "metrics.sampler=ddim",
+        "metrics.sampler_steps=3",
+        "callbacks=default",
+        "callbacks.progress_bar=null",
+        "callbacks.sample_grid=null",
+        "trainer.max_steps=3",
+    )
     result = train(cfg)
     m = result["metrics"]
     assert m["val/metric_samples"] == 16 and m["val/fid_classifier"] > 0

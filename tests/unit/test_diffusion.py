@@ -112,7 +112,9 @@ def test_discretized_decoder_sums_to_one():
         assert torch.allclose(logp.exp().sum(1), torch.ones(50, dtype=torch.float64), atol=1e-6)
     # an interior bin is exactly Phi(+h/sigma) - Phi(-h/sigma) around its own mean
     sigma = 0.01
-    lp = discretized_gaussian_log_likelihood(torch.tensor([0.2]), torch.tensor([0.2]), torch.tensor([math.log(sigma)]))
+    lp = discretized_gaussian_log_likelihood(
+        torch.tensor([0.2]), torch.tensor([0.2]), torch.tensor([math.log(sigma)])
+    )
     assert lp.exp().item() == pytest.approx(math.erf(1 / 255 / sigma / math.sqrt(2)), rel=1e-5)
 
 
@@ -137,17 +139,23 @@ def test_oracle_single_image_bpd_by_hand():
     ab = d.schedule.alphas_cumprod
     beta_tilde_2 = (d.schedule.betas[1] * (1 - ab[0]) / (1 - ab[1])).item()
     sigma, h = math.sqrt(beta_tilde_2), 1 / 255
+
     def phi(z):
         return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
     nll_bits = []
     for k in pixels.flatten().tolist():
         p = phi(h / sigma) if k in (0, 255) else phi(h / sigma) - phi(-h / sigma)
         nll_bits.append(-math.log2(p))
     decoder = sum(nll_bits) / len(nll_bits)
     abT = ab[-1].item()
-    prior = sum(
-        0.5 * (-1 - math.log(1 - abT) + (1 - abT) + abT * v**2) / math.log(2) for v in x_star.flatten().tolist()
-    ) / x_star.numel()
+    prior = (
+        sum(
+            0.5 * (-1 - math.log(1 - abT) + (1 - abT) + abT * v**2) / math.log(2)
+            for v in x_star.flatten().tolist()
+        )
+        / x_star.numel()
+    )
     assert res["terms_bpd"][:, 0] == pytest.approx([decoder] * 3, rel=1e-3)
     assert res["prior_bpd"] == pytest.approx([prior] * 3, rel=1e-3, abs=1e-7)
     assert res["total_bpd"] == pytest.approx([decoder + prior] * 3, rel=1e-3)
@@ -244,7 +252,9 @@ def test_respace_keeps_alpha_bars():
     assert torch.allclose(r.alphas_cumprod, d.alphas_cumprod[keep])
     assert r.timestep_map.tolist() == keep
     full = d.respace(range(1000))
-    assert torch.allclose(full.betas, d.betas) and torch.allclose(full.posterior_variance, d.posterior_variance)
+    assert torch.allclose(full.betas, d.betas) and torch.allclose(
+        full.posterior_variance, d.posterior_variance
+    )
     assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
     assert len(space_timesteps(1000, "10,5")) == 15
 

@@ -25,7 +25,9 @@ def test_linear_endpoints_and_scaling():
     s = make_schedule("linear", 1000)
     assert s.betas[0].item() == pytest.approx(1e-4)
     assert s.betas[-1].item() == pytest.approx(0.02)
-    assert torch.allclose(s.betas[1:] - s.betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64))
+    assert torch.allclose(
+        s.betas[1:] - s.betas[:-1], torch.full((999,), (0.02 - 1e-4) / 999, dtype=torch.float64)
+    )
     s4 = make_schedule("linear", 4000)  # Improved DDPM: scaled by 1000/T
     assert s4.betas[0].item() == pytest.approx(2.5e-5)
     assert s4.betas[-1].item() == pytest.approx(0.005)
