@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.checkpoint import load_module
+from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
 from diffusion_lab.sample import generate, resolve_device
 
@@ -140,13 +140,8 @@ def _print_table(results: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def _evaluate_main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_bad_input():
         results = evaluate(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     _print_table(results)
     steps = results.get("sampler_steps")
     out = (
@@ -163,11 +158,8 @@ def main() -> None:
         from diffusion_lab.metrics.train_classifier import compose_config
         from diffusion_lab.metrics.train_classifier import main as train_classifier_main
 
-        try:
+        with exit_on_bad_input():
             train_classifier_main(compose_config(sys.argv[2:]))
-        except (ValueError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
         return
     # `metrics=[...]` sets metric_names: conf/metrics is a config group, so Hydra would read it as a choice.
     sys.argv = [("metric_names=" + a.split("=", 1)[1]) if a.startswith("metrics=") else a for a in sys.argv]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from diffusion_lab.checkpoint import load_module
+from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.media import save_animation, save_grid, to_uint8
 from diffusion_lab.samplers import sample as run_sampler
 
@@ -92,13 +91,8 @@ def generate(
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_bad_input():
         module, run_cfg, ckpt = load_module(cfg.ckpt, ema=cfg.ema)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     sampler = instantiate(cfg.sampler)
     name = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps

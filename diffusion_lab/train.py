@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffusion_lab.callbacks import EMA, FinalLastCheckpoint, SampleQuality
 from diffusion_lab.checkpoint import build_module, check_compatible, find_last_checkpoint, read_checkpoint
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.config_utils import print_config_tree
 from diffusion_lab.loggers import build_loggers
 
@@ -173,13 +172,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    try:
+    with exit_on_bad_input():
         result = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
     # A metric for Hydra sweepers (Optuna minimises it).
     metrics = result["metrics"]
     objective = cfg.get("optimized_metric")
