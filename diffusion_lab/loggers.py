@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_loggers", "wandb_credentials_present"]
+__all__ = ["build_loggers", "close_loggers", "wandb_credentials_present"]
 
 
 def wandb_credentials_present() -> bool:
@@ -79,3 +79,13 @@ def build_loggers(
         loggers.append(logger)
         log.debug("logger %s ready", name)
     return loggers
+
+
+def close_loggers(loggers: list[Logger]) -> None:
+    """Finish the wandb runs, so that the next run in this process (a multirun job) starts its own."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            try:
+                logger.experiment.finish()
+            except Exception as e:  # a failing wandb never fails the run
+                log.warning("wandb failed to finish the run (%s); `wandb sync` it later", e)

@@ -21,7 +21,7 @@ from diffusion_lab.checkpoint import build_module, check_compatible, find_last_c
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.config_utils import print_config_tree
-from diffusion_lab.loggers import build_loggers
+from diffusion_lab.loggers import build_loggers, close_loggers
 
 log = logging.getLogger("diffusion_lab")
 
@@ -145,7 +145,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO()],
     )
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        close_loggers(loggers)  # one wandb run per run, also for the jobs of a multirun in one process
     wall = time.perf_counter() - start
     metrics = {
         k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1

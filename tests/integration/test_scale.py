@@ -105,12 +105,22 @@ def test_multirun_two_by_two(tmp_path, launcher):
     )
     if launcher == "joblib":
         args += ["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"]
+    else:  # one offline wandb run per job, grouped by the sweep, tagged with the swept values
+        args += ["logger=wandb"]
     r = _train(args, tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     assert all((j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
+    if launcher == "basic":
+        for job in jobs:
+            (records,) = job.glob("wandb/offline-run-*/run-*.wandb")
+            data = records.read_bytes()
+            swept = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+            tags = [o for o in swept if o.startswith(("objective=", "schedule="))]
+            assert sweep.name.encode() in data, "wandb group = the sweep"
+            assert all(t.encode() in data for t in tags), f"swept values {tags} as wandb tags"
     out = write_summary(sweep)
     rows, swept, metrics = collect(sweep)
     assert len(rows) == 4 and set(swept) == {"objective", "schedule"}
