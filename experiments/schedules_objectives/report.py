@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import platform
 from pathlib import Path
 
 import torch
+import yaml
 
 from diffusion_lab.summarize import collect
 
@@ -53,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     table.sort(key=lambda t: (SCHEDULES.index(t["schedule"]), OBJECTIVES.index(t["objective"])))
-    hardware = f"{platform.machine()} CPU, {torch.get_num_threads()} torch thread(s) per run, no GPU"
+    first = yaml.safe_load((root / table[0]["job"] / "csv" / "hparams.yaml").read_text())  # resolved config
+    threads = first.get("threads") or torch.get_num_threads()
+    hardware = f"{platform.machine()} CPU ({os.cpu_count()} cores), {threads} torch thread(s) per run, no GPU"
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
