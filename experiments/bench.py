@@ -43,15 +43,18 @@ def train_rate(image_size: int, batch: int, seconds: float) -> float:
     d = GaussianDiffusion(make_schedule("linear", 1000))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.rand(batch, 1, image_size, image_size) * 2 - 1
-    steps, start = 0, None
-    while start is None or time.perf_counter() - start < seconds:
+    def step() -> None:
         loss = d.training_losses(model, x0)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
+    for _ in range(2):  # warm-up, not timed
+        step()
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
         steps += 1
-        if steps == 2:  # warm-up excluded
-            start, steps = time.perf_counter(), 0
     return steps * batch / (time.perf_counter() - start)
 
 
