@@ -43,6 +43,7 @@ def train_rate(image_size: int, batch: int, seconds: float) -> float:
     d = GaussianDiffusion(make_schedule("linear", 1000))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.rand(batch, 1, image_size, image_size) * 2 - 1
+
     def step() -> None:
         loss = d.training_losses(model, x0)["loss"].mean()
         opt.zero_grad(set_to_none=True)
