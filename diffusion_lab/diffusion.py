@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_lab.likelihood import NATS_PER_BIT, discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from diffusion_lab.parameterization import Parameterization, get_parameterization
+from diffusion_lab.parameterization import PARAMETERIZATIONS, Parameterization, get_parameterization
 from diffusion_lab.schedules import Schedule, betas_from_alphas_cumprod
 
 __all__ = [
@@ -65,7 +65,8 @@ class GaussianDiffusion(nn.Module):
 
     Args:
         schedule: the noise schedule (float64 betas).
-        parameterization: what the network predicts: ``eps``, ``x0`` or ``v``.
+        parameterization: what the network predicts: a name in ``PARAMETERIZATIONS`` (``eps``, ``x0``, ``v``)
+            or a :class:`~diffusion_lab.parameterization.Parameterization` instance.
         variance: reverse-process variance, one of
             ``fixed_small`` (beta_tilde_t),
             ``fixed_large`` (beta_t, with beta_tilde_2 at the first step, as DDPM's sigma^2 = beta),
@@ -119,10 +120,12 @@ class GaussianDiffusion(nn.Module):
         betas = schedule.betas.to(torch.float64)
         T = betas.numel()
         alphas_cumprod = torch.cumprod(1.0 - betas, 0)
-        if alphas_cumprod[-1] == 0 and self.parameterization.name == "eps":
+        if alphas_cumprod[-1] == 0 and not self.parameterization.supports_zero_terminal_snr:
+            able = [n for n, c in PARAMETERIZATIONS.items() if c.supports_zero_terminal_snr]
             raise ValueError(
-                "a zero-terminal-SNR schedule cannot be used with eps-prediction (x_0 is undefined at "
-                "alpha_bar_T = 0); use parameterization v or x0 (Lin et al. 2024, Sec. 3.2)"
+                f"a zero-terminal-SNR schedule cannot be used with {self.parameterization.name}-prediction "
+                f"(x_0 is undefined at alpha_bar_T = 0); use parameterization {' or '.join(able)} "
+                "(Lin et al. 2024, Sec. 3.2)"
             )
         alphas_cumprod_prev = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
@@ -357,14 +360,12 @@ class GaussianDiffusion(nn.Module):
         """Per-example weights of the simple loss, (B,).
 
         min_snr (Hang et al. 2023, Eq. 8): weight min(SNR_t, gamma) on ||x_0 - x0_hat||^2, rewritten in the
-        parameterization's own error: eps error = SNR * x0 error, v error = (SNR + 1) * x0 error.
+        parameterization's own error by ``Parameterization.x0_error_scale`` (eps: SNR, x0: 1, v: SNR + 1).
         """
         if self.loss_weighting == "none":
             return torch.ones(t.shape[0], device=t.device)
         snr = self.snr.to(t.device)[t]
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        scale = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1.0}[self.parameterization.name]
-        return clipped / scale
+        return snr.clamp(max=self.min_snr_gamma) / self.parameterization.x0_error_scale(snr)
 
     # ------------------------------------------------------------------------------------- likelihood
 

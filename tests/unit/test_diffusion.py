@@ -8,7 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from diffusion_lab.diffusion import GaussianDiffusion, space_timesteps
 from diffusion_lab.likelihood import discretized_gaussian_log_likelihood, normal_kl
-from diffusion_lab.parameterization import PARAMETERIZATIONS
+from diffusion_lab.parameterization import PARAMETERIZATIONS, EpsPrediction, Parameterization
 from diffusion_lab.schedules import make_schedule
 
 
@@ -261,9 +261,51 @@ def test_respace_keeps_alpha_bars():
 
 def test_zero_terminal_snr_needs_v_or_x0():
     sched = make_schedule("cosine", 100, zero_terminal_snr=True)
-    with pytest.raises(ValueError, match="use parameterization v or x0"):
+    with pytest.raises(ValueError, match="eps-prediction .* use parameterization x0 or v"):
         GaussianDiffusion(sched, parameterization="eps")
     d = GaussianDiffusion(sched, parameterization="v")
     x0 = torch.rand(4, 1, 2, 2) * 2 - 1
     terms = d.training_losses(lambda x, t, y: torch.zeros_like(x), x0, t=torch.full((4,), 99))
     assert torch.isfinite(terms["loss"]).all()
+
+
+class ScaledEps(Parameterization):
+    """A parameterization the library does not know: the network predicts 2 eps."""
+
+    name = "eps_x2"
+    supports_zero_terminal_snr = False
+
+    def target(self, x0, eps, t, d):
+        return 2.0 * eps
+
+    def to_x0_eps(self, out, x_t, t, d):
+        return EpsPrediction().to_x0_eps(out / 2.0, x_t, t, d)
+
+    def x0_error_scale(self, snr):
+        return 4.0 * snr  # ||d (2 eps)||^2 = 4 SNR ||d x0||^2
+
+
+def test_new_parameterization_is_one_class():
+    """A parameterization defined here runs through losses, min-SNR, p_mean_variance and respacing."""
+    T, B = 100, 6
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(B, 1, 3, 3, generator=g) * 2 - 1, torch.randn(B, 1, 3, 3, generator=g)
+    t = torch.tensor([0, 1, 20, 50, 80, 99])
+    kw = dict(loss_weighting="min_snr", min_snr_gamma=5.0)
+    new, ref = _diffusion("cosine", T, parameterization=ScaledEps(), **kw), _diffusion("cosine", T, **kw)
+    net_eps = lambda x, tt, y: 0.3 * x  # noqa: E731  an arbitrary eps-network
+    net_new = lambda x, tt, y: 2.0 * net_eps(x, tt, y)  # noqa: E731  the same network in 2-eps units
+    a = new.training_losses(net_new, x0, t=t, eps=eps)
+    b = ref.training_losses(net_eps, x0, t=t, eps=eps)
+    torch.testing.assert_close(a["mse"], 4.0 * b["mse"])  # error measured in the new units
+    torch.testing.assert_close(a["loss"], b["loss"])  # min-SNR: the same weight on the x0 error
+    x_t = ref.q_sample(x0, t, eps)
+    p, q = (
+        new.p_mean_variance(net_new(x_t, t, None), x_t, t),
+        ref.p_mean_variance(net_eps(x_t, t, None), x_t, t),
+    )
+    for field in ("mean", "variance", "pred_x0", "pred_eps"):
+        torch.testing.assert_close(getattr(p, field), getattr(q, field))
+    assert new.respace(range(0, T, 10)).parameterization.name == "eps_x2"
+    with pytest.raises(ValueError, match="eps_x2-prediction"):
+        GaussianDiffusion(make_schedule("cosine", T, zero_terminal_snr=True), parameterization=ScaledEps())
