@@ -36,7 +36,6 @@ __all__ = [
     "GaussianDiffusion",
     "PMeanVariance",
     "ModelFn",
-    "space_timesteps",
     "VARIANCES",
     "LOSSES",
     "LOSS_WEIGHTINGS",
@@ -129,11 +128,11 @@ class GaussianDiffusion(nn.Module):
             )
         alphas_cumprod_prev = torch.cat([betas.new_ones(1), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # beta_tilde_1 = 0: clip the log at beta_tilde_2 (as Improved DDPM does).
-        posterior_log_variance_clipped = torch.log(
-            torch.cat([posterior_variance[1:2], posterior_variance[1:]])
-        )
-        fixed_large_variance = torch.cat([posterior_variance[1:2], betas[1:]])
+        # beta_tilde_1 = 0: clip the log at beta_tilde_2 (as Improved DDPM does); a one-step chain (a
+        # sampler's steps=1) has no beta_tilde_2 and clips at beta_1.
+        first = posterior_variance[1:2] if T > 1 else betas[:1]
+        posterior_log_variance_clipped = torch.log(torch.cat([first, posterior_variance[1:]]))
+        fixed_large_variance = torch.cat([first, betas[1:]])
         tables = {
             "betas": betas,
             "alphas_cumprod": alphas_cumprod,
@@ -414,7 +413,8 @@ class GaussianDiffusion(nn.Module):
 
         Keeps alpha_bar at the chosen steps and rebuilds betas from them, beta_i = 1 - alpha_bar_{k_i} /
         alpha_bar_{k_{i-1}}, so every sampler works on the shorter chain unchanged; the network still sees
-        the original step numbers through ``timestep_map``.
+        the original step numbers through ``timestep_map``. Any subset works; the named grids that choose
+        one are in ``diffusion_lab.samplers.timesteps``.
         """
         keep = sorted(set(int(k) for k in use_timesteps))
         if not keep or keep[0] < 0 or keep[-1] >= self.num_timesteps:
@@ -439,36 +439,3 @@ class GaussianDiffusion(nn.Module):
             f"schedule={self.schedule.name}, T={self.num_timesteps}, parameterization="
             f"{self.parameterization.name}, variance={self.variance}, loss={self.loss_type}"
         )
-
-
-def space_timesteps(num_timesteps: int, steps: int | str) -> list[int]:
-    """Choose which of ``num_timesteps`` steps to keep (Improved DDPM's ``space_timesteps``).
-
-    Args:
-        steps: an int n (n evenly spaced steps including the first and last), ``"ddimN"`` (the stride
-            DDIM uses: 0, k, 2k, ... with k = T // N), or a comma list of counts per equal section,
-            e.g. ``"10,10,5"``.
-    """
-    if isinstance(steps, str) and steps.startswith("ddim"):
-        n = int(steps[4:])
-        for stride in range(1, num_timesteps):
-            if len(range(0, num_timesteps, stride)) == n:
-                return list(range(0, num_timesteps, stride))
-        raise ValueError(f"cannot take exactly {n} DDIM-strided steps of {num_timesteps}")
-    if isinstance(steps, str) and "," in steps:
-        counts = [int(c) for c in steps.split(",")]
-    else:
-        counts = [int(steps)]
-    size, extra = divmod(num_timesteps, len(counts))
-    out, start = [], 0
-    for i, count in enumerate(counts):
-        n = size + (1 if i < extra else 0)
-        if count > n or count < 1:
-            raise ValueError(f"cannot take {count} steps from a section of {n} (T={num_timesteps})")
-        if count == 1:
-            picks = [0]
-        else:
-            picks = torch.linspace(0, n - 1, count, dtype=torch.float64).round().long().tolist()
-        out.extend(start + p for p in picks)
-        start += n
-    return sorted(set(out))

@@ -3,14 +3,17 @@
 Usage:
 
     from diffusion_lab.samplers import sample
-    x0, nfe = sample(model, diffusion, (16, 1, 28, 28), sampler="dpm_solver", steps=20, seed=0,
-                     return_nfe=True)
+    x0, nfe = sample(model, diffusion, (16, 1, 28, 28), sampler="dpm_solver", steps=20, grid="karras",
+                     seed=0, return_nfe=True)
 
 Samplers (``SAMPLERS`` / ``get_sampler(name)``):
 
     ddpm        ancestral sampling, DDPM Algorithm 2 (the diffusion's variance)
     ddim        DDIM Eq. 12 / 16, eta in [0, 1]
     dpm_solver  DPM-Solver++(2M), Lu et al. 2022b Algorithm 2
+
+Each takes ``steps`` (network evaluations) and ``grid`` (which training steps, ``GRIDS`` / ``make_grid`` in
+``timesteps``: uniform, leading, trailing, time_uniform, logsnr_uniform, karras), chosen independently.
 
 Count network evaluations with ``sample(..., return_nfe=True)`` or by wrapping a model in ``NFECounter``.
 """
@@ -26,7 +29,8 @@ from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.samplers.common import NFECounter, dynamic_thresholding, guided_model_output, resolve_steps
 from diffusion_lab.samplers.ddim import ddim_sample
 from diffusion_lab.samplers.ddpm import ddpm_sample
-from diffusion_lab.samplers.dpm_solver import dpm_solver_sample, select_timesteps
+from diffusion_lab.samplers.dpm_solver import dpm_solver_sample
+from diffusion_lab.samplers.timesteps import GRIDS, karras_sigmas, make_grid
 
 __all__ = [
     "SAMPLERS",
@@ -39,7 +43,9 @@ __all__ = [
     "dynamic_thresholding",
     "guided_model_output",
     "resolve_steps",
-    "select_timesteps",
+    "GRIDS",
+    "make_grid",
+    "karras_sigmas",
 ]
 
 SamplerFn = Callable[..., Tensor]
@@ -78,8 +84,8 @@ def sample(
         diffusion: the trained diffusion.
         shape: (B, C, H, W) of the samples.
         sampler: a name in ``SAMPLERS`` or a sampler function (e.g. a Hydra ``_partial_`` of one).
-        steps: None = all T steps, an int n or ``"ddimN"`` (passed to the sampler only when given, so a
-            partial's own ``steps`` stays in force).
+        steps: None = all T steps or an int n (passed to the sampler only when given, so a partial's own
+            ``steps`` stays in force); the grid is a sampler keyword (``grid="trailing"``).
         seed: seed of the generator; device: where x_T and the noise live (the model's device).
         return_nfe: also return the number of network evaluations (a guided step counts once).
         **kwargs: the sampler's keywords (y, guidance_scale, clip_denoised, eta, ...).

@@ -2,26 +2,30 @@
 
 Every sampler in this package has one signature (k-diffusion style, randomness injected):
 
-    sample_fn(model_fn, diffusion, x_T, steps=None, *, generator=None, callback=None, y=None,
-              guidance_scale=1.0, clip_denoised=True, dynamic_threshold=None, null_class=None,
-              **sampler_specific) -> x_0   (B, C, H, W)
+    sample_fn(model_fn, diffusion, x_T, steps=None, *, grid=..., grid_opts=None, generator=None,
+              callback=None, y=None, guidance_scale=1.0, clip_denoised=True, dynamic_threshold=None,
+              null_class=None, **sampler_specific) -> x_0   (B, C, H, W)
 
     model_fn(x_t, t, y) -> network output, (B, C or 2C, H, W); ``t`` is the original training step.
-    steps               None = all T steps of ``diffusion``; an int n or ``"ddimN"`` = respace to n steps
-                        (Improved DDPM Sec. 4: betas rebuilt from the kept alpha-bars).
+    steps, grid         n network evaluations at the steps ``timesteps.make_grid(grid, diffusion, steps)``
+                        (None = all T steps); the diffusion is respaced to them (Improved DDPM Sec. 4: betas
+                        rebuilt from the kept alpha-bars). Defaults: uniform (ddpm, ddim), logsnr_uniform
+                        (dpm_solver).
     callback(i, t, x_t, pred_x0)  once per network evaluation: i = 0, 1, ...; t = the original training
                         step (int); x_t = the state the network saw; pred_x0 = its (clipped) x_0 estimate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn, space_timesteps
+from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.samplers.timesteps import make_grid
 
 __all__ = [
     "Callback",
@@ -60,26 +64,39 @@ class NFECounter:
         return getattr(self.model_fn, name)
 
 
-def resolve_steps(diffusion: GaussianDiffusion, steps: int | str | None) -> GaussianDiffusion:
-    """The diffusion to sample on: ``diffusion`` itself for ``steps=None`` (or all T steps), else respaced.
+def resolve_steps(
+    diffusion: GaussianDiffusion,
+    steps: int | str | None,
+    grid: str = "uniform",
+    grid_opts: Mapping[str, Any] | None = None,
+) -> GaussianDiffusion:
+    """The diffusion to sample on: ``diffusion`` itself for all T steps, else respaced to the grid's steps.
+
+    Respacing keeps alpha_bar at the grid's steps and rebuilds the betas from them (Improved DDPM Sec. 4), for
+    any grid, so every sampler runs its own loop over the kept steps unchanged.
 
     Args:
-        steps: None (all steps), an int n >= 1 (n evenly spaced steps including the first and last),
-            ``"ddimN"`` (DDIM's stride 0, k, 2k, ...), or a comma list of counts per section (``"10,10,5"``).
+        steps: None (all steps), an int n (network evaluations), a section list "10,10,5" (grid uniform), or
+            ``"ddimN"`` (DDIM's stride, read as grid ``leading`` with n = N).
+        grid: a name in ``timesteps.GRIDS``; grid_opts: its options (e.g. ``{"rho": 7}`` for karras).
     """
-    if steps is None:
+    if isinstance(steps, str) and steps.startswith("ddim"):
+        n = steps[4:]
+        if not n.isdigit():
+            raise ValueError(
+                f"steps='{steps}': write DDIM's stride as grid=leading steps=N, e.g. steps=ddim50"
+            )
+        if grid != "leading":
+            warnings.warn(
+                f"steps='{steps}' is DDIM's strided grid: sampling with grid=leading, steps={n} "
+                f"(write sampler.grid=leading sampler.steps={n})",
+                stacklevel=3,
+            )
+        steps, grid = int(n), "leading"
+    keep = make_grid(grid, diffusion, steps, **dict(grid_opts or {}))
+    if len(keep) == diffusion.num_timesteps:
         return diffusion
-    T = diffusion.num_timesteps
-    if isinstance(steps, str) and steps.isdigit():
-        steps = int(steps)
-    if isinstance(steps, int) and not 1 <= steps <= T:
-        raise ValueError(
-            f"steps must lie in [1, {T}] (the diffusion's T) or be None for all steps, got {steps}"
-        )
-    keep = space_timesteps(T, steps)
-    if len(keep) == T:
-        return diffusion
-    return diffusion.respace(keep)
+    return diffusion.respace(keep.tolist())
 
 
 def _null_labels(y: Tensor, null_class: int | None, model_fn: ModelFn) -> Tensor | None:

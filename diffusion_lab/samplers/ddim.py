@@ -12,10 +12,14 @@ equals mu_tilde(x0, x_t) of DDPM Eq. 7). At the last step alpha_bar' = 1, sigma 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.progress import track
 from diffusion_lab.samplers.common import (
     Callback,
     check_x_T,
@@ -50,6 +54,8 @@ def ddim_sample(
     x_T: Tensor,
     steps: int | str | None = None,
     *,
+    grid: str = "uniform",
+    grid_opts: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     y: Tensor | None = None,
@@ -62,8 +68,9 @@ def ddim_sample(
     """Draw x_0 with DDIM (DDIM Eq. 12, sigma from Eq. 16); one network evaluation per step.
 
     Args:
-        model_fn, diffusion, x_T, steps, generator, callback, y, guidance_scale, clip_denoised,
-        dynamic_threshold, null_class: as for every sampler (see ``diffusion_lab.samplers.common``).
+        model_fn, diffusion, x_T, steps, grid, grid_opts, generator, callback, y, guidance_scale,
+        clip_denoised, dynamic_threshold, null_class: as for every sampler (see ``samplers.common``);
+        grid defaults to ``uniform``.
         eta: in [0, 1]; 0 = deterministic DDIM, 1 = DDPM's ancestral step with fixed-small variance.
             Learned-variance channels are ignored (DDIM sets its own sigma).
     Returns:
@@ -72,11 +79,12 @@ def ddim_sample(
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     check_x_T(x_T, diffusion)
-    d = resolve_steps(diffusion, steps)
+    d = resolve_steps(diffusion, steps, grid, grid_opts)
     process_x0 = make_x0_processor(clip_denoised, dynamic_threshold)
     sqrt_ab_prev, dir_coef, sigma = (c.to(x_T.device, x_T.dtype) for c in ddim_coefficients(d, eta))
     x = x_T
-    for i, k in enumerate(reversed(range(d.num_timesteps))):
+    M = d.num_timesteps
+    for i, k in enumerate(track(reversed(range(M)), f"sampling (ddim, {grid})", total=M)):
         t = full_steps(k, x)
         out = guided_model_output(model_fn, d, x, t, y, guidance_scale, null_class)
         # x0_hat and the eps_hat consistent with it (recomputed from x0_hat after clipping)

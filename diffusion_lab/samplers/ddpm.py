@@ -9,10 +9,14 @@ mu_theta is the posterior mean mu_tilde(x0_hat, x_t) (DDPM Eq. 7) and sigma_t^2 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.progress import track
 from diffusion_lab.samplers.common import (
     Callback,
     check_x_T,
@@ -33,6 +37,8 @@ def ddpm_sample(
     x_T: Tensor,
     steps: int | str | None = None,
     *,
+    grid: str = "uniform",
+    grid_opts: Mapping[str, Any] | None = None,
     generator: torch.Generator | None = None,
     callback: Callback | None = None,
     y: Tensor | None = None,
@@ -47,7 +53,8 @@ def ddpm_sample(
         model_fn: ``model_fn(x_t, t, y)`` -> (B, C or 2C, H, W).
         diffusion: the trained diffusion (its parameterization and variance decide the step).
         x_T: (B, C, H, W) starting noise, ~ N(0, I).
-        steps: None = all T steps; n or ``"ddimN"`` = respaced to n steps (Improved DDPM Sec. 4).
+        steps: None = all T steps; n = respaced to n steps (Improved DDPM Sec. 4) placed by ``grid``.
+        grid: a name in ``timesteps.GRIDS`` (default ``uniform``); grid_opts: its options.
         generator: the source of the per-step noise z (on x_T's device).
         callback: ``callback(i, t, x_t, pred_x0)`` once per step.
         y: (B,) class labels or None; guidance_scale: classifier-free guidance weight (1 = none).
@@ -57,10 +64,11 @@ def ddpm_sample(
         (B, C, H, W) samples.
     """
     check_x_T(x_T, diffusion)
-    d = resolve_steps(diffusion, steps)
+    d = resolve_steps(diffusion, steps, grid, grid_opts)
     process_x0 = make_x0_processor(clip_denoised, dynamic_threshold)
     x = x_T
-    for i, k in enumerate(reversed(range(d.num_timesteps))):
+    M = d.num_timesteps
+    for i, k in enumerate(track(reversed(range(M)), f"sampling (ddpm, {grid})", total=M)):
         t = full_steps(k, x)
         out = guided_model_output(model_fn, d, x, t, y, guidance_scale, null_class)
         p = d.p_mean_variance(out, x, t, clip_denoised=False, denoised_fn=process_x0)

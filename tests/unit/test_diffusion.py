@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffusion_lab.diffusion import GaussianDiffusion, space_timesteps
+from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from diffusion_lab.parameterization import PARAMETERIZATIONS, EpsPrediction, Parameterization
+from diffusion_lab.samplers.timesteps import make_grid
 from diffusion_lab.schedules import make_schedule
 
 
@@ -245,7 +246,7 @@ def test_min_snr_weights():
 
 def test_respace_keeps_alpha_bars():
     d = _diffusion("cosine", 1000)
-    keep = space_timesteps(1000, 50)
+    keep = make_grid("uniform", d, 50).flip(0).tolist()
     assert len(keep) == 50 and keep[0] == 0 and keep[-1] == 999
     r = d.respace(keep)
     assert r.num_timesteps == 50
@@ -255,8 +256,9 @@ def test_respace_keeps_alpha_bars():
     assert torch.allclose(full.betas, d.betas) and torch.allclose(
         full.posterior_variance, d.posterior_variance
     )
-    assert space_timesteps(1000, "ddim10") == list(range(0, 1000, 100))
-    assert len(space_timesteps(1000, "10,5")) == 15
+    r = d.respace([0, 7, 500, 998])  # any subset: alpha-bars kept, betas rebuilt (Improved DDPM Sec. 4)
+    assert torch.allclose(r.alphas_cumprod, d.alphas_cumprod[[0, 7, 500, 998]])
+    assert r.timestep_map.tolist() == [0, 7, 500, 998]
 
 
 def test_zero_terminal_snr_needs_v_or_x0():
