@@ -115,9 +115,10 @@ class DiffusionModule(pl.LightningModule):
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         labels = self._labels(y, False)
         terms = self.diffusion.training_losses(self.model, x0, t=t, eps=eps, y=labels)
-        bpd = self.diffusion.bpd_estimate(self.model, x0, y=labels, generator=g)
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
-        self.log("val/bpd", bpd.mean(), sync_dist=True)
+        if getattr(self.diffusion, "has_likelihood", True):  # EDM has no bits/dim (diffusion_lab/edm.py)
+            bpd = self.diffusion.bpd_estimate(self.model, x0, y=labels, generator=g)
+            self.log("val/bpd", bpd.mean(), sync_dist=True)
         self._last_time = None  # do not count validation time against throughput
 
     # ------------------------------------------------------------------------------------ optimizers

@@ -40,6 +40,7 @@ __all__ = [
     "VPrediction",
     "PARAMETERIZATIONS",
     "get_parameterization",
+    "EDMPreconditioning",
 ]
 
 
@@ -129,3 +130,81 @@ def get_parameterization(name: str | Parameterization) -> Parameterization:
     if name not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization '{name}'; valid names: {', '.join(PARAMETERIZATIONS)}")
     return PARAMETERIZATIONS[name]()
+
+
+class EDMPreconditioning(Parameterization):
+    """EDM's preconditioned denoiser (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+    Generative Models", Eq. 7 and Table 1): the network F_theta predicts a mix of x_0 and noise, scaled so
+    that its input and its training target have unit variance at every noise level.
+
+    In the variance-exploding coordinates x = x_0 + sigma n (n ~ N(0, I); x = x_t / sqrt(alpha_bar_t) and
+    sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) for a discrete schedule):
+
+        D(x; sigma) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x; c_noise(sigma))      (EDM Eq. 7)
+
+        c_skip  = sigma_data^2 / (sigma^2 + sigma_data^2)                                  (Table 1)
+        c_out   = sigma sigma_data / sqrt(sigma^2 + sigma_data^2)
+        c_in    = 1 / sqrt(sigma^2 + sigma_data^2)
+        c_noise = ln(sigma) / 4
+        lambda  = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2     the loss weight, = 1 / c_out^2
+
+    so lambda ||D - x_0||^2 = ||F - (x_0 - c_skip x) / c_out||^2 (EDM Eq. 8): the network regresses onto the
+    effective target (x_0 - c_skip x) / c_out with unit weight. The network's own input (c_in x, c_noise) is
+    formed by :class:`~diffusion_lab.edm.EDMDiffusion`, which holds this class.
+
+    Args:
+        sigma_data: the standard deviation of the data (0.5 in the paper for images in [-1, 1]).
+    """
+
+    name = "edm"
+    supports_zero_terminal_snr = False  # x = x_t / sqrt(alpha_bar_t) is undefined at alpha_bar = 0
+
+    def __init__(self, sigma_data: float = 0.5):
+        if not sigma_data > 0:
+            raise ValueError(
+                f"sigma_data must be > 0 (the data's standard deviation, 0.5 in EDM), got {sigma_data}"
+            )
+        self.sigma_data = float(sigma_data)
+
+    # Table 1; sigma is a tensor broadcastable against the data, e.g. (B, 1, 1, 1).
+    def c_skip(self, sigma: Tensor) -> Tensor:
+        return self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+
+    def c_out(self, sigma: Tensor) -> Tensor:
+        return sigma * self.sigma_data / (sigma**2 + self.sigma_data**2).sqrt()
+
+    def c_in(self, sigma: Tensor) -> Tensor:
+        return 1.0 / (sigma**2 + self.sigma_data**2).sqrt()
+
+    def c_noise(self, sigma: Tensor) -> Tensor:
+        return sigma.log() / 4.0
+
+    def loss_weight(self, sigma: Tensor) -> Tensor:
+        """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2   (Table 1)."""
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+
+    def denoise(self, out: Tensor, x: Tensor, sigma: Tensor) -> Tensor:
+        """D(x; sigma) = c_skip x + c_out F from the network output F   (EDM Eq. 7)."""
+        return self.c_skip(sigma) * x + self.c_out(sigma) * out
+
+    def network_target(self, x0: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+        """The effective training target of F: (x_0 - c_skip (x_0 + sigma eps)) / c_out   (EDM Eq. 8)."""
+        return (x0 - self.c_skip(sigma) * (x0 + sigma * eps)) / self.c_out(sigma)
+
+    # The discrete interface: sigma and x from the schedule tables (x_t = a x_0 + s eps, sigma = s / a).
+    def target(self, x0, eps, t, d):
+        a, s = d.coef("sqrt_alphas_cumprod", t, x0), d.coef("sqrt_one_minus_alphas_cumprod", t, x0)
+        return self.network_target(x0, eps, s / a)
+
+    def to_x0_eps(self, out, x_t, t, d):
+        a, s = d.coef("sqrt_alphas_cumprod", t, x_t), d.coef("sqrt_one_minus_alphas_cumprod", t, x_t)
+        sigma, x = s / a, x_t / a
+        x0 = self.denoise(out, x, sigma)
+        return x0, (x - x0) / sigma
+
+    def x0_error_scale(self, snr):
+        # d x0 = c_out d F at fixed x and sigma^2 = 1 / SNR, so ||d F||^2 = lambda ||d x0||^2
+        return self.loss_weight(snr.rsqrt())
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma_data={self.sigma_data})"

@@ -11,6 +11,8 @@ Samplers (``SAMPLERS`` / ``get_sampler(name)``):
     ddpm        ancestral sampling, DDPM Algorithm 2 (the diffusion's variance)
     ddim        DDIM Eq. 12 / 16, eta in [0, 1]
     dpm_solver  DPM-Solver++(2M), Lu et al. 2022b Algorithm 2
+    euler       Euler in sigma, EDM (Karras et al. 2022) Algorithm 2 without the correction
+    heun        Heun's 2nd-order method in sigma, EDM Algorithm 2 (stochastic churn optional)
 
 Each takes ``steps`` (network evaluations) and ``grid`` (which training steps, ``GRIDS`` / ``make_grid`` in
 ``timesteps``: uniform, leading, trailing, time_uniform, logsnr_uniform, karras), chosen independently.
@@ -30,6 +32,7 @@ from diffusion_lab.samplers.common import NFECounter, dynamic_thresholding, guid
 from diffusion_lab.samplers.ddim import ddim_sample
 from diffusion_lab.samplers.ddpm import ddpm_sample
 from diffusion_lab.samplers.dpm_solver import dpm_solver_sample
+from diffusion_lab.samplers.edm import euler_sample, heun_sample
 from diffusion_lab.samplers.timesteps import GRIDS, karras_sigmas, make_grid
 
 __all__ = [
@@ -39,6 +42,8 @@ __all__ = [
     "ddpm_sample",
     "ddim_sample",
     "dpm_solver_sample",
+    "euler_sample",
+    "heun_sample",
     "NFECounter",
     "dynamic_thresholding",
     "guided_model_output",
@@ -54,6 +59,8 @@ SAMPLERS: dict[str, SamplerFn] = {
     "ddpm": ddpm_sample,
     "ddim": ddim_sample,
     "dpm_solver": dpm_solver_sample,
+    "euler": euler_sample,
+    "heun": heun_sample,
 }
 
 
