@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffusion_lab.checkpoint import load_module
 from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
+from diffusion_lab.progress import track
 from diffusion_lab.sample import generate, resolve_device
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -55,7 +56,7 @@ def exact_bpd(module, images: torch.Tensor, labels: torch.Tensor, batch_size: in
     g = torch.Generator(device=device).manual_seed(seed)
     per_image = []
     conditional = bool(module.hparams.class_conditional)
-    for i in range(0, len(images), batch_size):
+    for i in track(range(0, len(images), batch_size), "bits/dim (exact bound)"):
         x0 = images[i : i + batch_size].to(device).float() / 127.5 - 1.0
         y = labels[i : i + batch_size].to(device) if conditional else None
         per_image.append(module.diffusion.bpd_bound(module.model, x0, y=y, generator=g)["total_bpd"].cpu())

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from diffusion_lab.checkpoint import load_module
 from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.media import save_animation, save_grid, to_uint8
+from diffusion_lab.progress import track
 from diffusion_lab.samplers import sample as run_sampler
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def generate(
     module = module.to(device).eval()
     outs, labels, nfe = [], [], 0
     conditional = bool(module.hparams.class_conditional)
-    for i in range(math.ceil(n / batch_size)):
+    batches = range(math.ceil(n / batch_size))  # one batch: the sampler's own step bar shows instead
+    for i in track(batches, f"sampling {n} images") if len(batches) > 1 else batches:
         b = min(batch_size, n - i * batch_size)
         if conditional:
             y = (

@@ -34,6 +34,7 @@ from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
 from diffusion_lab.metrics.features import DualFeatureExtractor, check_uint8_images, to_rgb
+from diffusion_lab.progress import track
 
 __all__ = [
     "InceptionFeatures",
@@ -182,9 +183,9 @@ class RealStatsCache:
         return path
 
 
-def iter_batches(x: Tensor, batch_size: int, device: torch.device | str):
-    """Yield (B, C, H, W) slices of x moved to ``device``."""
-    for i in range(0, x.shape[0], batch_size):
+def iter_batches(x: Tensor, batch_size: int, device: torch.device | str, description: str = "features"):
+    """Yield (B, C, H, W) slices of x moved to ``device``, with a progress bar on a terminal."""
+    for i in track(range(0, x.shape[0], batch_size), description):
         yield x[i : i + batch_size].to(device)
 
 
@@ -236,7 +237,7 @@ def real_statistics(
     check_uint8_images(real, "real images")
     fid = make_fid(extractor).to(device)
     feats = []
-    for xb in iter_batches(real, batch_size, device):
+    for xb in iter_batches(real, batch_size, device, f"real features ({extractor.tag})"):
         fid.update(xb, real=True)  # one forward pass, shared with the next line
         feats.append(extractor.outputs(xb)["features"].float().cpu())
     extractor.forget()

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from diffusion_lab.metrics.classifier import ClassifierConfig, DigitClassifier, save_classifier, to_unit_range
+from diffusion_lab.progress import track
 
 __all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "main", "compose_config"]
 
@@ -166,7 +167,7 @@ def train_classifier(
             model.train()
             perm = torch.randperm(train_x.shape[0], generator=cpu_gen)
             total, seen = 0.0, 0
-            for i in range(0, train_x.shape[0], batch_size):
+            for i in track(range(0, train_x.shape[0], batch_size), f"classifier epoch {epoch + 1}/{epochs}"):
                 idx = perm[i : i + batch_size]
                 xb = train_x[idx].to(device).float() / 255.0  # (B, C, H, W) in [0, 1]
                 if augment:
