@@ -5,7 +5,6 @@ All diffusion math lives in ``diffusion.py``; sampling grids, animations and FID
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +15,18 @@ from torch import Tensor, nn
 
 from diffusion_lab.diffusion import GaussianDiffusion
 
-__all__ = ["DiffusionModule"]
+__all__ = ["DiffusionModule", "images_in_batch"]
+
+
+def images_in_batch(batch: tuple[Tensor, Tensor]) -> int:
+    """B of an (x0 (B, C, H, W), y (B,)) batch: the ``batch_size_fn`` of Lightning's ``ThroughputMonitor``."""
+    return batch[0].shape[0]
 
 
 class DiffusionModule(pl.LightningModule):
     """Train ``model`` to denoise under ``diffusion``.
+
+    Throughput (images/s) is logged by Lightning's ``ThroughputMonitor`` callback (``conf/callbacks``).
 
     Args:
         model: backbone, ``forward(x, t, y=None)``.
@@ -35,6 +41,8 @@ class DiffusionModule(pl.LightningModule):
             run draws exactly the noise the uninterrupted run would have drawn).
         config: the resolved run config, saved in checkpoints so that commands can rebuild the module.
     """
+
+    flops_per_batch: int | None = None  # read by ThroughputMonitor: unknown, so it logs no FLOP/s or MFU
 
     def __init__(
         self,
@@ -58,7 +66,6 @@ class DiffusionModule(pl.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.sampler = sampler
         self.image_shape = tuple(image_shape)
-        self._last_time: float | None = None
 
     # --------------------------------------------------------------------------------------- network
 
@@ -94,14 +101,7 @@ class DiffusionModule(pl.LightningModule):
         for key in ("mse", "vlb"):
             if key in terms:
                 self.log(f"train/{key}", terms[key].mean())
-        self._log_throughput(x0.shape[0])
         return loss
-
-    def _log_throughput(self, batch_size: int) -> None:
-        now = time.perf_counter()
-        if self._last_time is not None:
-            self.log("train/images_per_sec", batch_size / max(now - self._last_time, 1e-9), prog_bar=True)
-        self._last_time = now
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = grad_norm(self.model, norm_type=2)
@@ -119,7 +119,6 @@ class DiffusionModule(pl.LightningModule):
         if getattr(self.diffusion, "has_likelihood", True):  # EDM has no bits/dim (diffusion_lab/edm.py)
             bpd = self.diffusion.bpd_estimate(self.model, x0, y=labels, generator=g)
             self.log("val/bpd", bpd.mean(), sync_dist=True)
-        self._last_time = None  # do not count validation time against throughput
 
     # ------------------------------------------------------------------------------------ optimizers
 
