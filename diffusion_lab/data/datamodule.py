@@ -32,6 +32,7 @@ from diffusion_lab.data.digits import DigitsSource
 from diffusion_lab.data.folder import FolderSource
 from diffusion_lab.data.mnist import MnistSource
 from diffusion_lab.data.persian import PersianSource
+from diffusion_lab.data.persian_letters import PersianLettersSource
 from diffusion_lab.data.source import DataSource
 from diffusion_lab.data.transforms import single_thread
 
@@ -39,7 +40,8 @@ __all__ = ["DiffusionDataModule", "TensorBatches", "SOURCES"]
 
 # The registry: ``dataset.name`` -> source class (conf/dataset/<name>.yaml sets the name).
 SOURCES: dict[str, type[DataSource]] = {
-    cls.name: cls for cls in (DigitsSource, MnistSource, PersianSource, FolderSource, Cifar10Source)
+    cls.name: cls
+    for cls in (DigitsSource, MnistSource, PersianSource, PersianLettersSource, FolderSource, Cifar10Source)
 }
 SUBSETS = ("train", "val", "test")
 
@@ -86,7 +88,7 @@ class DiffusionDataModule(L.LightningDataModule):
     """Images (B, C, H, W) float32 in [-1, 1] and labels (B,) int64 for any dataset in :data:`SOURCES`.
 
     Args:
-        name: dataset (``digits``, ``mnist``, ``persian``, ``folder``, ``cifar10``).
+        name: dataset (``digits``, ``mnist``, ``persian``, ``persian_letters``, ``folder``, ``cifar10``).
         root: folder of the dataset's files (unused by ``digits``).
         split: which stored part trains (per dataset, e.g. mnist ``train``/``test``, persian ``auto``).
         image_size: side of the square images (dataset default when null).
@@ -162,6 +164,12 @@ class DiffusionDataModule(L.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return int(self._num_classes) if self._num_classes is not None else self.source.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        """Names of classes 0 .. num_classes - 1 for grids and loggers (the label numbers where unnamed)."""
+        names = list(self.source.class_names())
+        return names if len(names) == self.num_classes else [str(i) for i in range(self.num_classes)]
 
     def plan(self) -> tuple[str, str | None]:
         """(stored part that trains, stored part that tests or None for the held-out slice)."""

@@ -71,6 +71,10 @@ class DataSource:
             raise NotImplementedError
         return self.fixed_num_classes
 
+    def class_names(self) -> list[str]:
+        """Display names of the classes 0, 1, ... (empty: none, the label numbers serve)."""
+        return []
+
     def options(self) -> dict[str, Any]:
         """Settings besides size and channels that change the decoded content (they enter the cache key)."""
         return {}
