@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from diffusion_lab.train import CONF_DIR
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[2]
 
 # The smallest real setup: 8x8 sklearn digits, a tiny MLP, few steps, no media.
 MLP = ["model=mlp", "model.hidden_dim=64", "model.num_layers=2"]
@@ -44,6 +49,40 @@ def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
         cfg.paths.cache_dir = str(tmp_path.parent / "cache")
         del cfg["hydra"]
     return cfg
+
+
+def run_command(
+    command: str, args: Sequence[str], cwd: Path, env: dict | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run ``python train.py ARGS`` (command ``"train.py"``) or ``python -m COMMAND ARGS`` in a subprocess.
+
+    wandb offline and silent, unbuffered output, no ``HYDRA_FULL_ERROR`` (so one-line errors stay one line);
+    ``env`` adds or replaces variables. Returns the completed process with text stdout / stderr.
+    """
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "PYTHONUNBUFFERED": "1",
+        **(env or {}),
+    }
+    if "HYDRA_FULL_ERROR" not in (env or {}):
+        full_env.pop("HYDRA_FULL_ERROR", None)
+    target = [str(REPO / command)] if command.endswith(".py") else ["-m", command]
+    return subprocess.run(
+        [sys.executable, *target, *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(name="run_command")
+def run_command_fixture():
+    """:func:`run_command`: a training script or a ``python -m`` command in a subprocess."""
+    return run_command
 
 
 @pytest.fixture

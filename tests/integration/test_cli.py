@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 
 
-def _cli(module: str, args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def test_sample_command_writes_grid_npz_animation(tiny_checkpoint, tmp_path):
+def test_sample_command_writes_grid_npz_animation(tiny_checkpoint, tmp_path, run_command):
     outs = []
     for name in ("a", "b"):
-        r = _cli(
+        r = run_command(
             "diffusion_lab.sample",
             [
                 f"ckpt={tiny_checkpoint}",
@@ -50,18 +33,18 @@ def test_sample_command_writes_grid_npz_animation(tiny_checkpoint, tmp_path):
     assert np.array_equal(samples, outs[1]["samples"]), "same seed, same samples"
 
 
-def test_sample_command_bad_checkpoint(tmp_path):
+def test_sample_command_bad_checkpoint(tmp_path, run_command):
     bad = tmp_path / "broken.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    r = _cli("diffusion_lab.sample", [f"ckpt={bad}", "n=2"], tmp_path)
+    r = run_command("diffusion_lab.sample", [f"ckpt={bad}", "n=2"], tmp_path)
     assert r.returncode != 0 and "unreadable or truncated" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("diffusion_lab.sample", [f"ckpt={tmp_path / 'missing.ckpt'}", "n=2"], tmp_path)
+    r = run_command("diffusion_lab.sample", [f"ckpt={tmp_path / 'missing.ckpt'}", "n=2"], tmp_path)
     assert r.returncode != 0 and "checkpoint not found" in r.stderr
 
 
-def test_evaluate_command(tiny_checkpoint, digits_classifier, tmp_path):
+def test_evaluate_command(tiny_checkpoint, digits_classifier, tmp_path, run_command):
     out = tmp_path / "eval.json"
-    r = _cli(
+    r = run_command(
         "diffusion_lab.evaluate",
         [
             f"ckpt={tiny_checkpoint}",
@@ -82,13 +65,13 @@ def test_evaluate_command(tiny_checkpoint, digits_classifier, tmp_path):
     assert sum(res["class_histogram"]) == 40
     assert 0 < res["bpd"] < 200 and res["bpd_stderr"] > 0 and res["bpd_images"] == 6
     assert "FID (classifier features)" in r.stdout
-    r = _cli("diffusion_lab.evaluate", [f"ckpt={tiny_checkpoint}", "metrics=[fid]"], tmp_path)
+    r = run_command("diffusion_lab.evaluate", [f"ckpt={tiny_checkpoint}", "metrics=[fid]"], tmp_path)
     assert r.returncode != 0 and "ambiguous" in r.stderr
 
 
-def test_train_classifier_command(tmp_path):
+def test_train_classifier_command(tmp_path, run_command):
     clf = tmp_path / "clf.pt"
-    r = _cli(
+    r = run_command(
         "diffusion_lab.evaluate",
         [
             "train_classifier",

@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import yaml
@@ -15,8 +10,6 @@ from hydra.core.global_hydra import GlobalHydra
 
 from diffusion_lab.summarize import collect, write_summary
 from diffusion_lab.train import CONF_DIR
-
-REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
     "dataset=digits",
@@ -36,22 +29,11 @@ TINY = [
 ]
 
 
-def _train(args: list[str], cwd: Path, timeout: int = 400) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def test_ddp_cpu_two_processes(tmp_path, digits_classifier):
+def test_ddp_cpu_two_processes(tmp_path, digits_classifier, run_command):
     """2 gloo processes: a few steps, a sample grid and a classifier-feature FID from both ranks' samples,
     one checkpoint folder, one run directory."""
-    r = _train(
+    r = run_command(
+        "train.py",
         TINY
         + [
             "trainer=ddp_cpu",
@@ -69,6 +51,7 @@ def test_ddp_cpu_two_processes(tmp_path, digits_classifier):
             f"paths.cache_dir={tmp_path}/cache",
         ],
         tmp_path,
+        timeout=400,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in r.stderr + r.stdout, "two processes ran"
@@ -88,7 +71,7 @@ def test_ddp_cpu_two_processes(tmp_path, digits_classifier):
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib"])
-def test_multirun_two_by_two(tmp_path, launcher):
+def test_multirun_two_by_two(tmp_path, launcher, run_command):
     args = (
         ["-m"]
         + TINY
@@ -107,7 +90,7 @@ def test_multirun_two_by_two(tmp_path, launcher):
         args += ["hydra/launcher=local_parallel", "hydra.launcher.n_jobs=2"]
     else:  # one offline wandb run per job, grouped by the sweep, tagged with the swept values
         args += ["logger=wandb"]
-    r = _train(args, tmp_path, timeout=600)
+    r = run_command("train.py", args, tmp_path, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())

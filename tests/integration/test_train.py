@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +14,6 @@ from hydra.utils import instantiate
 from diffusion_lab.checkpoint import load_module
 from diffusion_lab.train import CONF_DIR, train
 
-REPO = Path(__file__).resolve().parents[2]
 OBJECTIVES = ["eps", "x0", "v", "vlb", "hybrid"]
 SCHEDULES = ["linear", "cosine", "sigmoid", "quadratic", "geometric"]
 
@@ -94,26 +90,15 @@ def test_every_config_instantiates(tmp_path):
             assert instantiate(cfg.dataset).name == cfg.dataset.name
 
 
-def _run(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 300):
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env_extra or {})}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, str(REPO / "train.py"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def test_unknown_choice_and_bad_value_exit_cleanly(tmp_path):
-    r = _run(["schedule=cosin", f"paths.log_dir={tmp_path}"], tmp_path)
+def test_unknown_choice_and_bad_value_exit_cleanly(tmp_path, run_command):
+    r = run_command("train.py", ["schedule=cosin", f"paths.log_dir={tmp_path}"], tmp_path)
     assert r.returncode != 0
     assert "cosine" in r.stderr and "linear" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
-    r = _run(
-        ["schedule.timesteps=1", "logger=csv", f"paths.log_dir={tmp_path}", "print_config=false"], tmp_path
+    r = run_command(
+        "train.py",
+        ["schedule.timesteps=1", "logger=csv", f"paths.log_dir={tmp_path}", "print_config=false"],
+        tmp_path,
     )
     assert r.returncode != 0
     assert "timesteps must be an integer >= 2" in r.stderr
@@ -151,11 +136,11 @@ def _weights(ckpt: Path) -> dict:
     return c["global_step"], c["current_model_state"], c["state_dict"], c["optimizer_states"][0]["state"]
 
 
-def test_resume_after_kill_matches_straight_run(tmp_path):
+def test_resume_after_kill_matches_straight_run(tmp_path, run_command):
     """Train 2N steps straight; train again, kill -9 at step N + 3 (last checkpoint at N), resume to 2N:
     the raw weights, the EMA weights and the optimizer state match bitwise."""
     N = 40
-    straight = _run(_fast_cli(tmp_path / "a", 2 * N), tmp_path)
+    straight = run_command("train.py", _fast_cli(tmp_path / "a", 2 * N), tmp_path)
     assert straight.returncode == 0, straight.stderr[-2000:]
     (a_ckpt,) = (tmp_path / "a").glob("train/runs/*/checkpoints/last.ckpt")
 
@@ -163,10 +148,10 @@ def test_resume_after_kill_matches_straight_run(tmp_path):
     # a test-only callback kills the process with SIGKILL at step N + 3, between two checkpoints
     env = {"PYTHONPATH": str(Path(__file__).parent)}
     kill = ["+callbacks.kill._target_=kill_callback.KillAt", f"+callbacks.kill.step={N + 3}"]
-    killed = _run(_fast_cli(tmp_path / "b", 2 * N) + kill, tmp_path, env_extra=env)
+    killed = run_command("train.py", _fast_cli(tmp_path / "b", 2 * N) + kill, tmp_path, env=env)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     (b_ckpt,) = (tmp_path / "b").glob("train/runs/*/checkpoints/last.ckpt")
-    resumed = _run(_fast_cli(tmp_path / "b", 2 * N) + [f"ckpt_path={b_ckpt}"], tmp_path)
+    resumed = run_command("train.py", _fast_cli(tmp_path / "b", 2 * N) + [f"ckpt_path={b_ckpt}"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     finals = sorted(
         (tmp_path / "b").glob("train/runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime
@@ -181,15 +166,19 @@ def test_resume_after_kill_matches_straight_run(tmp_path):
         assert torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"])
 
 
-def test_incompatible_checkpoint_is_refused(tmp_path):
-    r = _run(_fast_cli(tmp_path, 5), tmp_path)
+def test_incompatible_checkpoint_is_refused(tmp_path, run_command):
+    r = run_command("train.py", _fast_cli(tmp_path, 5), tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     (ckpt,) = tmp_path.glob("train/runs/*/checkpoints/last.ckpt")
-    r = _run(_fast_cli(tmp_path, 10) + ["model.hidden_dim=32", "objective=v", f"ckpt_path={ckpt}"], tmp_path)
+    r = run_command(
+        "train.py",
+        _fast_cli(tmp_path, 10) + ["model.hidden_dim=32", "objective=v", f"ckpt_path={ckpt}"],
+        tmp_path,
+    )
     assert r.returncode != 0
     assert "does not fit this config" in r.stderr and "model.hidden_dim" in r.stderr
     assert "objective.parameterization" in r.stderr and "Traceback" not in r.stderr
-    r = _run(_fast_cli(tmp_path, 10) + ["ckpt_path=last"], tmp_path)
+    r = run_command("train.py", _fast_cli(tmp_path, 10) + ["ckpt_path=last"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
