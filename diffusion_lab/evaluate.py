@@ -156,11 +156,9 @@ def _evaluate_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "train_classifier":
-        from diffusion_lab.metrics.train_classifier import compose_config
-        from diffusion_lab.metrics.train_classifier import main as train_classifier_main
+        from diffusion_lab.metrics.train_classifier import command
 
-        with exit_on_bad_input():
-            train_classifier_main(compose_config(sys.argv[2:]))
+        command(sys.argv[2:])
         return
     # `metrics=[...]` sets metric_names: conf/metrics is a config group, so Hydra would read it as a choice.
     sys.argv = [("metric_names=" + a.split("=", 1)[1]) if a.startswith("metrics=") else a for a in sys.argv]

@@ -17,10 +17,19 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
+
+from diffusion_lab.cli import HELP_FLAGS, print_command_help
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _OPTIONS = {"out": None, "split": "train", "per_class": "10", "n": "64", "scale": "3"}
+USAGE = """Save a grid of decoded real images, to check a dataset by eye.
+
+usage: python -m diffusion_lab.data.preview dataset=<name> [dataset.<key>=...] [out=grid.png] [split=train]
+       [per_class=10] [n=64] [scale=3]
+  out: PNG path (default preview_<dataset>.png); split: train | val | test; per_class: images per class row
+  (0: a plain grid of n images); scale: nearest-neighbour zoom."""
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -63,13 +72,24 @@ def preview_grid(
     return grid, label_rows
 
 
-def main(argv: list[str] | None = None) -> Path:
-    opts, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+def compose_dataset_config(overrides: list[str]):
+    """The ``dataset`` (and ``paths``) groups of ``conf/`` with Hydra ``overrides``."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         overrides = (
             ["+paths=default", *overrides] if (CONF_DIR / "paths" / "default.yaml").is_file() else overrides
         )
-        cfg = compose(overrides=overrides)
+        return compose(overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> Path | None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in HELP_FLAGS for a in argv):  # usage and the composed config, like the Hydra commands
+        _, overrides = parse_args([a for a in argv if a not in HELP_FLAGS])
+        yaml = OmegaConf.to_yaml(compose_dataset_config(overrides))
+        print_command_help(USAGE, CONF_DIR, ["dataset"], yaml)
+        return None
+    opts, overrides = parse_args(argv)
+    cfg = compose_dataset_config(overrides)
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
     images, labels = dm.real_images(opts["split"])

@@ -32,7 +32,15 @@ from torch import Tensor
 from diffusion_lab.metrics.classifier import ClassifierConfig, DigitClassifier, save_classifier, to_unit_range
 from diffusion_lab.progress import track
 
-__all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "main", "compose_config"]
+__all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "main", "compose_config", "command"]
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+USAGE = """Train the digit classifier behind the classifier-feature metrics (FID, KID, IS, class histogram).
+
+usage: python -m diffusion_lab.evaluate train_classifier dataset=<name> [dataset.<key>=...] [metrics.<key>=..]
+  e.g. python -m diffusion_lab.evaluate train_classifier dataset=mnist metrics.classifier_epochs=8
+Options: metrics.classifier_epochs, classifier_seed, classifier_threads, classifier_path (where it is saved),
+classifier_train_split, classifier_test_split."""
 
 
 @contextlib.contextmanager
@@ -251,16 +259,29 @@ def compose_config(overrides: Sequence[str]):
     if not any(o.startswith("+dataset=") for o in fixed):
         raise ValueError("train_classifier: name the data, e.g. `dataset=mnist dataset.root=/path/to/mnist`")
     fixed += [f"+{g}=default" for g in groups[1:] if not any(o.startswith(f"+{g}=") for o in fixed)]
-    conf_dir = Path(__file__).resolve().parents[2] / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(overrides=fixed)
+
+
+def command(argv: Sequence[str]) -> None:
+    """The command line: ``--help`` prints the usage and the config (of ``dataset=digits`` unless a dataset
+    is named) and returns; otherwise train, with bad input ending in one line and exit code 1."""
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.cli import HELP_FLAGS, exit_on_bad_input, print_command_help
+
+    with exit_on_bad_input():
+        if any(a in HELP_FLAGS for a in argv):
+            overrides = [a for a in argv if a not in HELP_FLAGS]
+            if not any(o.split("=", 1)[0].lstrip("+") == "dataset" for o in overrides):
+                overrides.insert(0, "dataset=digits")
+            yaml = OmegaConf.to_yaml(compose_config(overrides))
+            print_command_help(USAGE, CONF_DIR, ["dataset"], yaml)
+            return
+        main(compose_config(argv))
 
 
 if __name__ == "__main__":
     import sys
 
-    try:
-        cfg = compose_config(sys.argv[1:])
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    main(cfg)
+    command(sys.argv[1:])

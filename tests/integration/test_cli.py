@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import pytest
 
 
 def test_sample_command_writes_grid_npz_animation(tiny_checkpoint, tmp_path, run_command):
@@ -85,3 +86,21 @@ def test_train_classifier_command(tmp_path, run_command):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert clf.is_file() and "test accuracy" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "command, args",
+    [
+        ("diffusion_lab.evaluate", ["train_classifier", "--help"]),
+        ("diffusion_lab.data.preview", ["--help"]),
+        ("diffusion_lab.data.preview", ["dataset=mnist", "-h"]),
+    ],
+)
+def test_help_of_the_commands_without_hydra_main(tmp_path, run_command, command, args):
+    """Like the Hydra commands: usage, the dataset choices and the composed config; exit 0; nothing run."""
+    r = run_command(command, args, tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage: python -m " in r.stdout and "dataset: " in r.stdout and "digits" in r.stdout
+    assert "_target_: diffusion_lab.data.DiffusionDataModule" in r.stdout
+    assert f"name: {'mnist' if 'dataset=mnist' in args else 'digits'}" in r.stdout
+    assert not list(tmp_path.glob("*.png")), "help writes nothing"

@@ -92,28 +92,33 @@ def test_karras_sigmas_eq5():
         karras_sigmas(5, 80.0, 0.002)
 
 
-def test_logsnr_uniform_is_nearest_step_to_evenly_spaced_lambda():
-    """Each step is the nearest one to its target lambda = log(alpha / sigma) (no collisions here)."""
-    d = diffusion("linear", 1000)
+@pytest.mark.parametrize("T, n", [(1000, 10), (30, 13)])  # T = 30: coarse steps, where nearest in lambda
+def test_logsnr_uniform_is_nearest_step_to_evenly_spaced_lambda(T, n):  # differs from nearest in SNR
+    """Each step is the nearest one (in lambda) to its target lambda = log(alpha / sigma)."""
+    d = diffusion("linear", T)
     lam = half_log_snr(d.schedule.alphas_cumprod)
-    targets = torch.linspace(lam[-1].item(), lam[0].item(), 10, dtype=torch.float64)
+    targets = torch.linspace(lam[-1].item(), lam[0].item(), n, dtype=torch.float64)
     expect = [int((lam - v).abs().argmin()) for v in targets]
-    got = steps_of("logsnr_uniform", d, 10)
-    assert got == expect and got[0] == 999 and got[-1] == 0
-    gaps = torch.diff(lam[got])
-    assert gaps.max() / gaps.min() < 1.3  # evenly spaced in lambda up to the integer grid
+    assert all(a > b for a, b in zip(expect, expect[1:]))  # no collisions to resolve in these cases
+    got = steps_of("logsnr_uniform", d, n)
+    assert got == expect and got[0] == T - 1 and got[-1] == 0
+    if T == 1000:
+        gaps = torch.diff(lam[got])
+        assert gaps.max() / gaps.min() < 1.3  # evenly spaced in lambda up to the integer grid
 
 
 def test_karras_is_nearest_step_to_eq5_sigmas():
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); each step is the nearest in log sigma."""
-    d = diffusion("linear", 1000)
-    ab = d.schedule.alphas_cumprod.double()
-    sig = ((1 - ab) / ab).sqrt()
-    torch.testing.assert_close(sigmas(d), sig)
-    targets = karras_sigmas(10, sig[0].item(), sig[-1].item(), 7.0)
-    expect = [int((sig.log() - math.log(v)).abs().argmin()) for v in targets.tolist()]
-    got = steps_of("karras", d, 10)
-    assert got == expect and got[0] == 999 and got[-1] == 0
+    for T, n in ((30, 13), (1000, 10)):  # T = 30: coarse steps, where nearest in sigma would differ
+        d = diffusion("linear", T)
+        ab = d.schedule.alphas_cumprod.double()
+        sig = ((1 - ab) / ab).sqrt()
+        torch.testing.assert_close(sigmas(d), sig)
+        targets = karras_sigmas(n, sig[0].item(), sig[-1].item(), 7.0)
+        expect = [int((sig.log() - math.log(v)).abs().argmin()) for v in targets.tolist()]
+        assert all(a > b for a, b in zip(expect, expect[1:]))  # no collisions to resolve here
+        got = steps_of("karras", d, n)
+        assert got == expect and got[0] == T - 1 and got[-1] == 0
     # rho moves the steps: a larger rho spends more of them at low noise
     assert sum(steps_of("karras", d, 10, rho=20.0)) < sum(got) < sum(steps_of("karras", d, 10, rho=2.0))
     # an explicit sigma range: the ends are the nearest steps to sigma_min and sigma_max
