@@ -176,12 +176,13 @@ class SampleGrid(pl.Callback):
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, samples: Tensor, frames: list[Tensor], tag: str) -> None:
         out = run_dir(trainer)
-        grid_path = save_grid(to_uint8(samples.cpu()), out / "samples" / f"{tag}.png")
+        grid_path = save_grid(to_uint8(samples.cpu(), value_range=(-1, 1)), out / "samples" / f"{tag}.png")
         gif_path = None
         if frames:
             idx = torch.linspace(0, len(frames) - 1, min(self.animation_frames, len(frames))).round().long()
             chosen = [frames[i] for i in idx.tolist()]
-            gif_path = save_animation([to_uint8(f) for f in chosen], out / "animations" / f"{tag}.gif")
+            frames_u8 = [to_uint8(f, value_range=(-1, 1)) for f in chosen]
+            gif_path = save_animation(frames_u8, out / "animations" / f"{tag}.gif")
         log.info("samples written to %s", grid_path)
         log_media(trainer, grid_path, gif_path)
 
@@ -294,7 +295,7 @@ class SampleQuality(pl.Callback):
                 device=device,
                 y=y,
             )
-            parts.append(to_uint8(x))
+            parts.append(to_uint8(x, value_range=(-1, 1)))
         if was_training:
             module.train()
         fake = torch.cat(parts)

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.checkpoint import load_module
 from diffusion_lab.cli import exit_on_bad_input
+from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
 from diffusion_lab.progress import track
 from diffusion_lab.sample import generate, resolve_device
@@ -57,7 +58,7 @@ def exact_bpd(module, images: torch.Tensor, labels: torch.Tensor, batch_size: in
     per_image = []
     conditional = bool(module.hparams.class_conditional)
     for i in track(range(0, len(images), batch_size), "bits/dim (exact bound)"):
-        x0 = images[i : i + batch_size].to(device).float() / 127.5 - 1.0
+        x0 = to_unit_range(images[i : i + batch_size].to(device))
         y = labels[i : i + batch_size].to(device) if conditional else None
         per_image.append(module.diffusion.bpd_bound(module.model, x0, y=y, generator=g)["total_bpd"].cpu())
     values = torch.cat(per_image).double()

@@ -71,7 +71,7 @@ def generate(
         if frames is not None and i == 0:
 
             def callback(j, t, x_t, pred_x0):
-                frames.append(to_uint8(x_t[:16].cpu()))
+                frames.append(to_uint8(x_t[:16].cpu(), value_range=(-1, 1)))
 
         x, k = run_sampler(
             module.model,
@@ -85,7 +85,7 @@ def generate(
             guidance_scale=guidance_scale,
             callback=callback,
         )
-        outs.append(to_uint8(x.cpu()))
+        outs.append(to_uint8(x.cpu(), value_range=(-1, 1)))
         labels.append(y.cpu() if y is not None else torch.full((b,), -1))
         nfe = k
     return torch.cat(outs), torch.cat(labels), nfe

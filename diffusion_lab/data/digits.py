@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from diffusion_lab.data.cache import fingerprint_files
 from diffusion_lab.data.source import DataSource, Decoded
-from diffusion_lab.data.transforms import to_channels, to_uint8
+from diffusion_lab.data.transforms import to_channels
+from diffusion_lab.media import to_uint8
 
 __all__ = ["DigitsSource", "DIGITS_COUNT"]
 
@@ -64,5 +65,5 @@ class DigitsSource(DataSource):
         size = self.image_size
         if size != 8:
             x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=size < 8)
-        x = to_channels(to_uint8(x), self.channels)
+        x = to_channels(to_uint8(x, value_range=(0, 255)), self.channels)
         return x, torch.from_numpy(labels).long(), {"source": "sklearn.datasets.load_digits"}

@@ -9,7 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["to_channels", "resize_square", "to_uint8", "single_thread"]
+from diffusion_lab.media import to_uint8
+
+__all__ = ["to_channels", "resize_square", "single_thread"]
 
 # ITU-R BT.601 luma weights, as PIL's "L" conversion.
 _LUMA = (0.299, 0.587, 0.114)
@@ -26,11 +28,6 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def to_uint8(x: Tensor) -> Tensor:
-    """Round and clamp a float tensor of 0..255 values to uint8."""
-    return x.round_().clamp_(0, 255).to(torch.uint8)
-
-
 def to_channels(images: Tensor, channels: int) -> Tensor:
     """Convert uint8 (N, C, H, W) to ``channels`` (1 or 3): grey repeated to RGB, RGB to BT.601 luma."""
     c = images.shape[1]
@@ -40,7 +37,7 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
         return images.repeat(1, 3, 1, 1)
     if c == 3 and channels == 1:
         w = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
-        return to_uint8((images.float() * w).sum(1, keepdim=True))
+        return to_uint8((images.float() * w).sum(1, keepdim=True), value_range=(0, 255))
     raise ValueError(f"cannot convert {c}-channel images to {channels} channels; use channels: 1 or 3")
 
 
@@ -59,5 +56,5 @@ def resize_square(images: Tensor, size: int, chunk: int = 4096) -> Tensor:
     for i in range(0, n, chunk):
         x = images[i : i + chunk].float()
         x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        out[i : i + chunk] = to_uint8(x[:, :, top : top + size, left : left + size])
+        out[i : i + chunk] = to_uint8(x[:, :, top : top + size, left : left + size], value_range=(0, 255))
     return out

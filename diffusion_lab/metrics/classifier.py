@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics.features import DualFeatureExtractor, check_uint8_images
 
 __all__ = [
@@ -31,13 +32,7 @@ __all__ = [
     "save_classifier",
     "load_classifier",
     "class_histogram",
-    "to_unit_range",
 ]
-
-
-def to_unit_range(x: Tensor) -> Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the data range of the diffusion models."""
-    return x.float() / 127.5 - 1.0
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lab.metrics.classifier import ClassifierConfig, DigitClassifier, save_classifier, to_unit_range
+from diffusion_lab.media import to_unit_range
+from diffusion_lab.metrics.classifier import ClassifierConfig, DigitClassifier, save_classifier
 from diffusion_lab.progress import track
 
 __all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "main", "compose_config", "command"]
