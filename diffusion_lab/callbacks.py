@@ -1,9 +1,10 @@
-"""Training callbacks: EMA of the weights, sample grids and denoising animations."""
+"""Training callbacks: EMA of the weights, sample grids and denoising animations, sample quality (FID)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,15 @@ from diffusion_lab.media import save_animation, save_grid, to_uint8
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EMA", "SampleGrid", "SampleQuality", "FinalLastCheckpoint", "ema_module", "run_dir"]
+__all__ = [
+    "EMA",
+    "SamplingCallback",
+    "SampleGrid",
+    "SampleQuality",
+    "FinalLastCheckpoint",
+    "ema_module",
+    "run_dir",
+]
 
 
 # ----------------------------------------------------------------------------------------------- EMA
@@ -100,17 +109,125 @@ def run_dir(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir)
 
 
-# ------------------------------------------------------------------------------------- sample grids
+# --------------------------------------------------------------------- sampling during training
 
 
-class SampleGrid(pl.Callback):
+class SamplingCallback(pl.Callback):
+    """What :class:`SampleGrid` and :class:`SampleQuality` share: when they run and how they draw samples.
+
+    They run every ``every_n_steps`` optimizer steps (0: not during training) and once more when training ends
+    (``run_at_end_always``: even when the last step just ran). :meth:`draw` samples from the EMA weights (the
+    module itself without an EMA callback) in eval mode with ``sampler``, by default the run's sampler (the
+    module's ``sampler``, built from the ``sampler=`` config). Under DDP each rank draws its share of the
+    samples with a generator seeded ``seed + rank``, and the shares are gathered on every rank.
+
+    Args:
+        every_n_steps: period in optimizer steps; 0 = only at the end of training.
+        sampler: ``sampler(model_fn, diffusion, x_T, *, generator, y, callback)`` (a ``_partial_`` sampler
+            config), or None for the run's sampler.
+        seed: base seed of the drawn samples (the same every time, so successive draws are comparable).
+    """
+
+    run_at_end_always = False
+
+    def __init__(self, every_n_steps: int, sampler: Callable[..., Tensor] | None, seed: int):
+        if sampler is not None and not callable(sampler):
+            raise ValueError(
+                f"{type(self).__name__}: sampler must be a sampler config "
+                f"(e.g. +sampler@metrics.sampler=ddim) or null for the run's sampler, got {sampler!r}"
+            )
+        self.every_n_steps = every_n_steps
+        self.sampler = sampler
+        self.seed = seed
+        self._last_step = -1
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Any:
+        """Draw and use the samples; ``tag`` is ``step<k>`` or ``final``."""
+        raise NotImplementedError
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self._last_step = step
+            self.run(trainer, pl_module, tag=f"step{step:07d}")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.run_at_end_always or trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            self.run(trainer, pl_module, tag="final")
+
+    @torch.no_grad()
+    def draw(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        n: int,
+        batch_size: int | None = None,
+        callback: Callable[..., Any] | None = None,
+    ) -> Tensor:
+        """``n`` samples (n, C, H, W) in [-1, 1] on the module's device, the same on every rank.
+
+        Each rank draws ceil(n / world) of them in batches of ``batch_size`` (all at once by default) from one
+        generator seeded ``seed + rank``; class-conditional models get the labels 0, 1, ..., K-1, 0, ...
+        ``callback`` (the samplers' per-step callback) sees the first batch of rank zero only.
+        """
+        module = ema_module(trainer, pl_module)
+        sampler = self.sampler or getattr(module, "sampler", None)
+        if sampler is None:
+            raise ValueError(
+                f"{type(self).__name__}: the module has no sampler; set sampler= in the run config"
+            )
+        world, rank, device = trainer.world_size, trainer.global_rank, pl_module.device
+        share = math.ceil(n / world)
+        batch_size = batch_size or share
+        g = torch.Generator(device=device).manual_seed(self.seed + rank)
+        was_training = module.training
+        module.eval()
+        parts = []
+        try:
+            for start in range(0, share, batch_size):
+                b = min(batch_size, share - start)
+                x_T = torch.randn((b, *module.image_shape), generator=g, device=device)
+                y = None
+                if module.hparams.class_conditional:
+                    y = (torch.arange(b, device=device) + start) % module.hparams.num_classes
+                first = start == 0 and rank == 0
+                parts.append(
+                    sampler(
+                        module.model,
+                        module.diffusion,
+                        x_T,
+                        generator=g,
+                        y=y,
+                        callback=callback if first else None,
+                    )
+                )
+        finally:
+            if was_training:
+                module.train()
+        samples = torch.cat(parts)
+        if world > 1:
+            samples = pl_module.all_gather(samples).flatten(0, 1)
+        return samples[:n]
+
+
+def sampler_name(sampler: Any) -> str:
+    """A short description of a sampler partial for logs, e.g. ``ddim_sample(steps=50)``."""
+    func = getattr(sampler, "func", sampler)
+    steps = getattr(sampler, "keywords", {}).get("steps")
+    return f"{getattr(func, '__name__', type(func).__name__)}(steps={steps})"
+
+
+class SampleGrid(SamplingCallback):
     """Every ``every_n_steps`` optimizer steps and at the end of training: draw ``num_samples`` images from
-    the EMA weights with the module's sampler (or ``sampler``), save a PNG grid under ``samples/`` of the run
+    the EMA weights with the run's sampler (or ``sampler``), save a PNG grid under ``samples/`` of the run
     directory and, with ``animation``, a GIF of the reverse process under ``animations/``; log both to the
     loggers that take images (wandb, TensorBoard).
 
     Under DDP each rank draws its share (seed + rank) and rank zero gathers and writes.
     """
+
+    run_at_end_always = True  # the final grid is always written (samples/final.png)
 
     def __init__(
         self,
@@ -121,55 +238,20 @@ class SampleGrid(pl.Callback):
         animation_frames: int = 40,
         seed: int = 1234,
     ):
-        self.every_n_steps = every_n_steps
+        super().__init__(every_n_steps, sampler, seed)
         self.num_samples = num_samples
-        self.sampler = sampler
         self.animation = animation
         self.animation_frames = animation_frames
-        self.seed = seed
-        self._last_step = -1
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.make(trainer, pl_module, tag=f"step{step:07d}")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.make(trainer, pl_module, tag="final")
-
-    @torch.no_grad()
-    def make(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Tensor:
-        self._last_step = trainer.global_step
-        module = ema_module(trainer, pl_module)
-        was_training = module.training
-        module.eval()
-        world, rank = trainer.world_size, trainer.global_rank
-        share = math.ceil(self.num_samples / world)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> Tensor:
         frames: list[Tensor] = []
-        sampler = self.sampler or module.sampler
 
         def callback(i: int, t: Tensor, x_t: Tensor, pred_x0: Tensor) -> None:
-            frames.append(x_t[: min(16, share)].detach().float().cpu())
+            frames.append(x_t[:16].detach().float().cpu())
 
-        g = torch.Generator(device=pl_module.device).manual_seed(self.seed + rank)
-        shape = (share, *module.image_shape)
-        x_T = torch.randn(shape, generator=g, device=pl_module.device)
-        y = None
-        if module.hparams.class_conditional:
-            y = torch.arange(share, device=pl_module.device) % module.hparams.num_classes
-        samples = sampler(
-            module.model,
-            module.diffusion,
-            x_T,
-            generator=g,
-            y=y,
-            callback=callback if (self.animation and rank == 0) else None,
+        samples = self.draw(
+            trainer, pl_module, self.num_samples, callback=callback if self.animation else None
         )
-        if world > 1:
-            samples = pl_module.all_gather(samples).flatten(0, 1)
-        samples = samples[: self.num_samples]
-        if was_training:
-            module.train()
         self._write(trainer, samples, frames, tag)
         return samples
 
@@ -180,9 +262,8 @@ class SampleGrid(pl.Callback):
         gif_path = None
         if frames:
             idx = torch.linspace(0, len(frames) - 1, min(self.animation_frames, len(frames))).round().long()
-            chosen = [frames[i] for i in idx.tolist()]
-            frames_u8 = [to_uint8(f, value_range=(-1, 1)) for f in chosen]
-            gif_path = save_animation(frames_u8, out / "animations" / f"{tag}.gif")
+            chosen = [to_uint8(frames[i], value_range=(-1, 1)) for i in idx.tolist()]
+            gif_path = save_animation(chosen, out / "animations" / f"{tag}.gif")
         log.info("samples written to %s", grid_path)
         log_media(trainer, grid_path, gif_path)
 
@@ -215,9 +296,10 @@ def log_media(trainer: pl.Trainer, grid_path: Path, gif_path: Path | None) -> No
 # ---------------------------------------------------------------------------------- sample quality
 
 
-class SampleQuality(pl.Callback):
-    """Every ``every_n_steps`` steps (and at the end): draw ``n`` samples from the EMA weights with a fast
-    sampler, score them with a :class:`~diffusion_lab.metrics.MetricSuite` against the data module's real
+class SampleQuality(SamplingCallback):
+    """Every ``every_n_steps`` steps (and at the end): draw ``n`` samples from the EMA weights with the run's
+    sampler (the ``sampler=`` config; ``sampler`` overrides it), score them with a
+    :class:`~diffusion_lab.metrics.MetricSuite` on the module's device against the data module's real
     ``real_split`` and log ``val/<metric>``, ``best/<metric>`` (lowest FID/KID, highest IS so far), the
     sample count and the seconds the evaluation took; the class histogram goes to wandb as a bar chart.
 
@@ -230,8 +312,7 @@ class SampleQuality(pl.Callback):
         metrics_cfg: Any,
         every_n_steps: int = 5000,
         n: int = 1000,
-        sampler: str = "dpm_solver",
-        sampler_steps: int | None = 20,
+        sampler: Callable[..., Tensor] | None = None,
         real_split: str = "test",
         n_real: int | None = None,
         sample_batch_size: int = 250,
@@ -239,69 +320,22 @@ class SampleQuality(pl.Callback):
     ):
         from diffusion_lab.metrics import MetricSuite
 
+        super().__init__(every_n_steps, sampler, seed)
         self.suite = MetricSuite.from_config(metrics_cfg)
-        self.every_n_steps, self.n, self.sampler, self.sampler_steps = (
-            every_n_steps,
-            n,
-            sampler,
-            sampler_steps,
-        )
-        self.real_split, self.n_real, self.sample_batch_size, self.seed = (
-            real_split,
-            n_real,
-            sample_batch_size,
-            seed,
-        )
+        self.n, self.real_split, self.n_real = n, real_split, n_real
+        self.sample_batch_size = sample_batch_size
         self.best: dict[str, float] = {}
-        self._last_step = -1
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._last_step:
-            self.evaluate(trainer, pl_module)
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tag: str) -> dict[str, float]:
+        return self.evaluate(trainer, pl_module)
 
     @torch.no_grad()
     def evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         import time
 
-        from diffusion_lab.media import to_uint8
-        from diffusion_lab.samplers import get_sampler, sample
-
-        self._last_step = trainer.global_step
         start = time.perf_counter()
-        module = ema_module(trainer, pl_module)
-        was_training = module.training
-        module.eval()
-        world, rank = trainer.world_size, trainer.global_rank
-        share = math.ceil(self.n / world)
-        fn, device = get_sampler(self.sampler), pl_module.device
-        parts = []
-        for i in range(math.ceil(share / self.sample_batch_size)):
-            b = min(self.sample_batch_size, share - i * self.sample_batch_size)
-            y = None
-            if module.hparams.class_conditional:
-                y = (torch.arange(b, device=device) + i * self.sample_batch_size) % module.hparams.num_classes
-            x = sample(
-                module.model,
-                module.diffusion,
-                (b, *module.image_shape),
-                sampler=fn,
-                steps=self.sampler_steps,
-                seed=self.seed + 1000 * rank + i,
-                device=device,
-                y=y,
-            )
-            parts.append(to_uint8(x, value_range=(-1, 1)))
-        if was_training:
-            module.train()
-        fake = torch.cat(parts)
-        if world > 1:
-            fake = pl_module.all_gather(fake).flatten(0, 1)
-        fake = fake[: self.n].cpu()
+        samples = self.draw(trainer, pl_module, self.n, batch_size=self.sample_batch_size)
+        fake = to_uint8(samples, value_range=(-1, 1)).cpu()
         values: dict[str, float] = {}
         histogram = None
         if trainer.is_global_zero:
@@ -310,6 +344,7 @@ class SampleQuality(pl.Callback):
                 f"{dm.name}-{self.real_split}-{dm.image_size}px-{dm.channels}ch-n{self.n_real or 'all'}-"
                 f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
             )
+            self.suite.to(pl_module.device)  # the feature extractors run where the model trains
             results = self.suite.compute(
                 fake, real=lambda: dm.real_images(self.real_split, self.n_real)[0], cache_key=key
             )
@@ -334,12 +369,11 @@ class SampleQuality(pl.Callback):
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in logged.items()})
         if trainer.is_global_zero:
             log.info(
-                "step %d: %s (%d samples, %s %s steps, %.1f s)",
+                "step %d: %s (%d samples, %s, %.1f s)",
                 trainer.global_step,
                 ", ".join(f"{k}={v:.4g}" for k, v in values.items()),
                 len(fake),
-                self.sampler,
-                self.sampler_steps,
+                sampler_name(self.sampler or ema_module(trainer, pl_module).sampler),
                 seconds,
             )
             if histogram is not None:

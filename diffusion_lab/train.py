@@ -81,8 +81,7 @@ def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         m,
         every_n_steps=m.every_n_steps,
         n=m.n,
-        sampler=m.sampler,
-        sampler_steps=m.sampler_steps,
+        sampler=instantiate(m.sampler) if m.get("sampler") else None,  # None: the run's sampler
         real_split=m.real_split,
         n_real=m.get("n_real"),
     )

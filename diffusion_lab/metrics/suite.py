@@ -167,6 +167,8 @@ class MetricSuite:
         return self._extractors[family]
 
     def to(self, device: str | torch.device) -> MetricSuite:
+        """Run on ``device`` from now on: built extractors move, later ones are built there (FID during
+        training calls this with the module's device before every evaluation)."""
         self.device = torch.device(device)
         for ext in self._extractors.values():
             ext.to(self.device)

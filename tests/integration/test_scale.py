@@ -46,7 +46,6 @@ def test_ddp_cpu_two_processes(tmp_path, digits_classifier, run_command):
             "metrics.n=32",
             f"metrics.classifier_path={digits_classifier}",
             "metrics.names=[fid_classifier,class_histogram]",
-            "metrics.sampler_steps=4",
             f"paths.log_dir={tmp_path}",
             f"paths.cache_dir={tmp_path}/cache",
         ],

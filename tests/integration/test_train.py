@@ -231,8 +231,8 @@ def test_sample_quality_at_the_end_of_training(make_cfg, digits_classifier):
         "metrics.n=16",
         f"metrics.classifier_path={digits_classifier}",
         "metrics.names=[fid_classifier,kid_classifier,class_histogram]",
-        "metrics.sampler=ddim",
-        "metrics.sampler_steps=3",
+        "sampler=ddim",  # the run's sampler draws the FID samples too
+        "sampler.steps=3",
         "callbacks=default",
         "callbacks.progress_bar=null",
         "callbacks.sample_grid=null",
