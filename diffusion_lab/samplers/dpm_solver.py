@@ -98,7 +98,7 @@ def dpm_solver_sample(
         if k == 0:
             # Final step to sigma = 0 (lambda = +inf), first order: sigma ratio 0, -alpha (e^{-h} - 1) = 1.
             x = x0
-            break
+            continue  # k = 0 is the last kept step: the loop ends here
         s, n = k, k - 1  # from step s to step n (next kept step, less noise)
         h = float(lam[n] - lam[s])  # h_i > 0; +inf when leaving a zero-terminal-SNR start
         ratio = float(sigma[n] / sigma[s])  # sigma_{t_i} / sigma_{t_{i-1}}
