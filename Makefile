@@ -8,6 +8,7 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# ".[dev]": the package, every optional extra (sweep, tensorboard, plot) and what `make test` needs
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip

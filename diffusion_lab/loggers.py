@@ -1,5 +1,5 @@
 """Experiment loggers from the ``logger`` config group; wandb goes offline without credentials and a
-wandb failure falls back to CSV instead of stopping training."""
+wandb failure falls back to CSV instead of stopping training. TensorBoard needs the ``tensorboard`` extra."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from pathlib import Path
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+from diffusion_lab.extras import require_extra
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ def build_loggers(
                 if not any("CSVLogger" in str(c.get("_target_", "")) for c in cfg.values() if c):
                     loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
             continue
+        if lg_cfg._target_.endswith("TensorBoardLogger"):
+            require_extra("tensorboard", "tensorboard", f"logger={name}")
         logger = instantiate(lg_cfg)
         if not isinstance(logger, WandbLogger):
             logger.log_hyperparams(OmegaConf.to_container(run_cfg, resolve=True))

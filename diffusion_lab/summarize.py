@@ -4,6 +4,7 @@
 
 reads every job's overrides (``.hydra/overrides.yaml``) and final metrics (``result.yaml``) and writes
 ``summary.csv``, ``summary.md`` and ``summary.png`` (the metric against each swept value) in that folder.
+The plot needs the ``plot`` extra (matplotlib); without it the CSV and the table are still written.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from diffusion_lab.extras import MissingExtraError, require_extra
 
 __all__ = ["collect", "write_summary", "main"]
 
@@ -72,7 +75,12 @@ def write_summary(multirun_dir: str | Path, metric: str | None = None) -> dict[s
     out = {"csv": root / "summary.csv", "md": root / "summary.md"}
     metric = metric or next((m for m in ("best/fid_classifier", "val/bpd", "val/loss") if m in metrics), None)
     if metric and swept:
-        out["png"] = _plot(rows, swept, metric, root / "summary.png")
+        try:
+            require_extra("matplotlib", "plot", "the summary plot")
+        except MissingExtraError as e:
+            print(f"summary.png not written: {e}", file=sys.stderr)
+        else:
+            out["png"] = _plot(rows, swept, metric, root / "summary.png")
     return out
 
 
