@@ -4,16 +4,23 @@ Decoding (IDX, CDB run lengths, image folders) happens once; later runs load a u
 second. The file name carries a hash of everything that determines the content, so a changed source file,
 size or option gives a new entry instead of stale data.
 
-Concurrency: writers take a per-entry file lock, re-check, then write a temporary file and ``os.replace`` it
-into place. Readers never see a partial file, so DDP ranks and multirun jobs can share one cache directory.
+Concurrency: writers take a per-entry file lock, re-check, then write the entry atomically
+(:func:`~diffusion_lab.fileio.atomic_write`). Readers never see a partial file, so DDP ranks and multirun
+jobs can share one cache directory; a temporary file left by a killed writer is removed by the next writer.
+
+Integrity: each entry stores a CRC-32 of its images and labels, checked on every load; an entry that fails
+it (flipped bits, an edited file) is rebuilt with a one-line warning instead of being trusted.
+
+A full disk (or an unwritable cache folder) never stops a run: one warning, and the data stays in memory.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import zlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -21,17 +28,22 @@ from typing import Any
 import torch
 from filelock import FileLock
 
+from diffusion_lab.fileio import atomic_write, remove_stale_temp_files
+
+log = logging.getLogger(__name__)
+
 __all__ = [
     "default_cache_dir",
     "fingerprint_files",
     "cache_key",
     "load_or_build",
     "load_entry",
+    "checksum",
     "CACHE_VERSION",
 ]
 
-# Bump when the decoded content of any dataset changes for the same inputs.
-CACHE_VERSION = 1
+# Bump when the decoded content of any dataset changes for the same inputs (2: entries carry a checksum).
+CACHE_VERSION = 2
 
 # Files up to this size are hashed in full (md5 of a few MB takes milliseconds); larger ones by size, mtime
 # and the md5 of their first and last MiB.
@@ -78,44 +90,74 @@ def cache_key(fields: dict[str, Any]) -> str:
 
 
 def load_entry(path: Path) -> dict[str, Any]:
-    """Load a cache entry: {"images": uint8 (N, C, H, W), "labels": int64 (N,), "meta": dict}."""
+    """Load a cache entry: {"images": uint8 (N, C, H, W), "labels": int64 (N,), "meta": dict, "checksum"}."""
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _save_atomic(entry: dict[str, Any], path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(entry, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def checksum(images: torch.Tensor, labels: torch.Tensor) -> int:
+    """CRC-32 of the images' and labels' bytes (about 1 GB/s; it guards against corruption, not attack)."""
+    crc = zlib.crc32(images.contiguous().numpy())
+    return zlib.crc32(labels.contiguous().numpy(), crc)
 
 
-def _try_load(path: Path) -> dict[str, Any] | None:
-    """The entry at ``path``; None when absent or unreadable (e.g. written by an incompatible version)."""
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, message: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning(message)
+
+
+def _try_load(path: Path, warn: bool = True) -> dict[str, Any] | None:
+    """The entry at ``path``; None when absent, unreadable (e.g. written by an incompatible version) or
+    failing its checksum (warned once per entry): such an entry is rebuilt, never trusted."""
     if not path.is_file():
         return None
     try:
-        return load_entry(path)
-    except Exception:  # an unreadable entry is rebuilt, never trusted
+        entry = load_entry(path)
+        ok = isinstance(entry, dict) and entry.get("checksum") == checksum(entry["images"], entry["labels"])
+    except Exception:
         return None
+    if not ok:
+        if warn:
+            log.warning("data cache entry %s failed its checksum (corrupt); rebuilding it", path)
+        return None
+    return entry
 
 
 def load_or_build(path: Path, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Return the entry at ``path``, building and writing it first when absent.
+    """Return the entry at ``path``, building and writing it first when absent or corrupt.
 
     ``build()`` returns {"images", "labels", "meta"}; it runs at most once per entry across processes that
-    share the cache directory (the others wait on the lock, then load).
+    share the cache directory (the others wait on the lock, then load). When the entry cannot be written
+    (full disk, file-size limit, read-only folder) it warns once and returns the built entry from memory.
     """
     entry = _try_load(path)
     if entry is not None:
         return entry
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        entry = _try_load(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path) + ".lock")
+        lock.acquire()
+    except OSError as e:
+        _warn_once("unwritable", f"data cache {path.parent} is not writable ({e}); decoding into memory")
+        return _build(build)
+    try:
+        entry = _try_load(path, warn=False)
         if entry is not None:
             return entry
-        entry = build()
-        _save_atomic(entry, path)
+        remove_stale_temp_files(path.parent, path.name)  # we hold the entry's lock: no one else writes it
+        entry = _build(build)
+        try:
+            atomic_write(path, lambda f: torch.save(entry, f))
+        except OSError as e:
+            _warn_once("full", f"data cache not written: {e}; training goes on with the data in memory")
         return entry
+    finally:
+        lock.release()
+
+
+def _build(build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    entry = build()
+    return {**entry, "checksum": checksum(entry["images"], entry["labels"])}

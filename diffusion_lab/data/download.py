@@ -1,22 +1,29 @@
 """Verified downloads: try each mirror, check size / md5 / content, and keep only a complete file.
 
 A download streams into a hidden temporary file beside the destination, is verified there, and is moved into
-place with ``os.replace`` (atomic on POSIX and Windows). A failed or corrupt download is deleted, so a later
-run never mistakes a partial file for data.
+place with ``os.replace`` (:func:`~diffusion_lab.fileio.atomic_write`). A failed or corrupt download is
+deleted, so a later run never mistakes a partial file for data. A failure is a :class:`DownloadError`, one
+line that the commands print without a traceback.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-__all__ = ["download_file", "file_md5", "join_url"]
+from diffusion_lab.cli import CommandError
+from diffusion_lab.fileio import DiskFullError, atomic_write
+
+__all__ = ["download_file", "file_md5", "join_url", "DownloadError"]
+
+
+class DownloadError(CommandError, RuntimeError):
+    """No mirror gave a verified file."""
+
 
 _CHUNK = 1 << 20
 
@@ -57,37 +64,42 @@ def download_file(
         ``dest``.
 
     Raises:
-        RuntimeError: no URL gave a verified file; names every URL with its reason and states that no
-            partial file was kept.
+        DownloadError: no URL gave a verified file; names every URL with its reason and states that no
+            partial file was kept (a RuntimeError, so callers adding context catch it as one).
+        DiskFullError: the destination's disk is full (no other mirror would help).
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     reasons = []
-    for url in urls:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        tmp = Path(tmp_name)
-        try:
+
+    def fetch(url: str):
+        def write(out) -> None:
             h = hashlib.md5(usedforsecurity=False)
             n = 0
             request = urllib.request.Request(url, headers={"User-Agent": "diffusion_lab"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     h.update(chunk)
                     n += len(chunk)
+            out.flush()
             if size is not None and n != size:
                 raise ValueError(f"size {n} bytes, expected {size}")
             if md5 is not None and h.hexdigest() != md5:
                 raise ValueError(f"md5 {h.hexdigest()}, expected {md5} (checksum mismatch)")
             if validate is not None:
-                validate(tmp)
-            os.replace(tmp, dest)
-            return dest
+                validate(Path(out.name))
+
+        return write
+
+    for url in urls:
+        try:
+            return atomic_write(dest, fetch(url), measure=False)
+        except DiskFullError:
+            raise
         except (OSError, ValueError, urllib.error.URLError) as e:
             reasons.append(f"{url}: {e}")
-        finally:
-            tmp.unlink(missing_ok=True)
-    raise RuntimeError(
+    raise DownloadError(
         f"download of '{dest.name}' failed ({'; '.join(reasons)}); no partial file was kept in "
         f"{dest.parent}; check the connection, or place the file there yourself"
     )

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from diffusion_lab.fileio import atomic_write
 from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics.features import DualFeatureExtractor, check_uint8_images
 
@@ -158,15 +158,7 @@ def save_classifier(model: DigitClassifier, path: str | os.PathLike) -> Path:
         "config": asdict(model.config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_classifier(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> DigitClassifier:

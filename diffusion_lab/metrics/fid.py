@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
+from diffusion_lab.fileio import atomic_write
 from diffusion_lab.metrics.features import DualFeatureExtractor, check_uint8_images, to_rgb
 from diffusion_lab.progress import track
 
@@ -171,15 +171,7 @@ class RealStatsCache:
 
     def save(self, key: str, stats: RealStats) -> Path:
         path = self.path(key, stats.tag)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(stats.to_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(stats.to_dict(), f))
         return path
 
 

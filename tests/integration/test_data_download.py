@@ -100,7 +100,7 @@ def test_corrupt_mnist_download_is_refused_without_leftovers(shared_data, tmp_pa
         dm.prepare_data()
     msg = str(e.value)
     assert MNIST_FILES[0] in msg and "checksum mismatch" in msg and "no partial file was kept" in msg
-    assert MNIST_FILES[0] not in _leftovers(root) and not [n for n in _leftovers(root) if n.endswith(".part")]
+    assert MNIST_FILES[0] not in _leftovers(root) and not [n for n in _leftovers(root) if n.endswith(".tmp")]
 
 
 def test_missing_file_on_server_is_reported(tmp_path, serve):
