@@ -1,7 +1,13 @@
-"""Checkpoints: find the last one, check that one fits a config, rebuild a module from one."""
+"""Checkpoints: find the last one, read one safely, check that one fits a config, rebuild a module from one.
+
+Every checkpoint is read with ``torch.load(weights_only=True)``: tensors, numbers, strings and plain
+containers only, so a file carrying other pickled objects (which could run code) is refused unread.
+"""
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,12 +16,18 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "find_last_checkpoint",
+    "safe_torch_load",
     "read_checkpoint",
     "check_compatible",
-    "build_module",
     "load_module",
+    "UnsafeCheckpointError",
     "COMPAT_KEYS",
 ]
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds pickled objects other than tensors and plain containers."""
+
 
 # Config entries that decide the shapes and meaning of the weights.
 COMPAT_KEYS = (
@@ -41,18 +53,57 @@ def find_last_checkpoint(log_dir: str | Path, task_name: str) -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+def _unsafe_globals(path: Path, error: Exception) -> list[str]:
+    """The pickled globals that made a weights-only load fail (none: the file is not a pickle at all)."""
+    try:  # reads the pickle's opcodes, runs nothing
+        names = list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint (legacy format): the error message names the global
+        names = []
+    return names or re.findall(r"GLOBAL ([\w.]+)", str(error))[:1]
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file pickles other objects (named in the message); nothing of it ran.
+        ValueError: unreadable or truncated.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path, e)
+        if names:
+            raise UnsafeCheckpointError(
+                f"checkpoint {path} refused: it holds pickled objects other than tensors and plain "
+                f"containers ({', '.join(names[:3])}), which could run code when loaded; nothing of it was "
+                "run; use a checkpoint written by diffusion_lab from a source you trust"
+            ) from None
         raise ValueError(
-            f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {e}); "
+            f"checkpoint {path} is unreadable or truncated (not a file written by torch.save); "
             "use another checkpoint (e.g. the previous step's)"
         ) from None
-    if "hyper_parameters" not in ckpt or not ckpt["hyper_parameters"].get("config"):
+    except Exception as e:
+        raise _unreadable(path, e) from None
+
+
+def _unreadable(path: Path, e: Exception) -> ValueError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return ValueError(
+        f"checkpoint {path} is unreadable or truncated ({type(e).__name__}: {first}); "
+        "use another checkpoint (e.g. the previous step's)"
+    )
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """A checkpoint written by this project, loaded with :func:`safe_torch_load`."""
+    ckpt = safe_torch_load(path, map_location)
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or not isinstance(hp.get("config"), dict) or not hp["config"]:
         raise ValueError(f"checkpoint {path} was not written by diffusion_lab (no run config inside)")
     return ckpt
 
@@ -92,46 +143,35 @@ def check_compatible(ckpt_config: dict, cfg: DictConfig | dict, path: str | Path
         )
 
 
-def build_module(cfg: DictConfig, image_shape: tuple[int, int, int], num_classes: int):
-    """Instantiate schedule, objective, backbone, optimizer and sampler from a run config."""
-    from hydra.utils import instantiate
-
-    from diffusion_lab.lit_module import DiffusionModule
-    from diffusion_lab.models import count_parameters
-
-    schedule = instantiate(cfg.schedule)
-    # a partial, so that Hydra does not turn the Schedule dataclass into a config node
-    diffusion = instantiate(cfg.objective, _partial_=True)(schedule=schedule)
-    C, H, _ = image_shape
-    model = instantiate(
-        cfg.model,
-        in_channels=C,
-        out_channels=diffusion.model_out_channels(C),
-        image_size=H,
-        num_classes=num_classes if cfg.get("class_conditional", False) else None,
-    )
-    module = DiffusionModule(
-        model=model,
-        diffusion=diffusion,
-        optimizer=instantiate(cfg.optimizer),
-        lr_scheduler=instantiate(cfg.lr_scheduler) if cfg.get("lr_scheduler") else None,
-        sampler=instantiate(cfg.sampler) if cfg.get("sampler") else None,
-        image_shape=image_shape,
-        num_classes=num_classes,
-        class_conditional=bool(cfg.get("class_conditional", False)),
-        cond_drop_prob=float(cfg.get("cond_drop_prob", 0.0)),
-        seed=int(cfg.get("seed", 0)),
-        config=OmegaConf.to_container(cfg, resolve=True),
-    )
-    return module, count_parameters(model)
+# The parts of a checkpoint's run config that the commands instantiate.
+INSTANTIATED_KEYS = ("schedule", "objective", "model", "optimizer", "lr_scheduler", "sampler", "dataset")
 
 
 def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
-    """Rebuild the :class:`DiffusionModule` of a checkpoint, with its EMA weights (or the raw ones)."""
+    """Rebuild the :class:`DiffusionModule` of a checkpoint, with its EMA weights (or the raw ones).
+
+    The checkpoint's run config is checked first: every ``_target_`` that would be instantiated must lie in
+    this project's allowed namespaces (:mod:`diffusion_lab.safe_config`).
+    """
+    from diffusion_lab.build import build_module
+    from diffusion_lab.safe_config import check_targets
+
     ckpt = read_checkpoint(path, map_location)
     hp = ckpt["hyper_parameters"]
-    cfg = OmegaConf.create(hp["config"])
-    module, _ = build_module(cfg, tuple(hp["image_shape"]), int(hp["num_classes"]))
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(hp["config"]), resolve=True))
+    except Exception as e:
+        raise ValueError(f"checkpoint {path}: its run config does not resolve ({e})") from None
+    for key in INSTANTIATED_KEYS:
+        if cfg.get(key) is not None:
+            check_targets(cfg[key], key, source=f"checkpoint {path}")
+    try:
+        image_shape, num_classes = tuple(int(v) for v in hp["image_shape"]), int(hp["num_classes"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"checkpoint {path} was not written by diffusion_lab (no image shape inside)"
+        ) from None
+    module, _ = build_module(cfg, image_shape, num_classes)
     state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
     try:
         module.load_state_dict(state)

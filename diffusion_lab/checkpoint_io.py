@@ -1,38 +1,35 @@
-"""Atomic checkpoint writes: a checkpoint file is either the old one or the complete new one, never half."""
+"""Lightning's checkpoint IO made safe: atomic writes that follow the umask, loads that never run code."""
 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from diffusion_lab.checkpoint import safe_torch_load
+from diffusion_lab.fileio import atomic_write
+
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """torch.save through :func:`~diffusion_lab.fileio.atomic_write` (temporary file, fsync, os.replace)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO with :func:`atomic_torch_save` for local paths."""
+    """Lightning's torch checkpoint IO: :func:`atomic_torch_save` for local paths, and every load (resume with
+    ``ckpt_path=``) with ``weights_only=True``, so a checkpoint holding other objects is refused unread."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         if "://" in str(path):  # remote file systems: leave it to fsspec
             return super().save_checkpoint(checkpoint, path, storage_options)
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        keep_device = lambda storage, loc: storage  # noqa: E731  (Lightning's default)
+        return safe_torch_load(path, map_location=keep_device if map_location is None else map_location)

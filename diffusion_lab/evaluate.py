@@ -26,7 +26,7 @@ from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
 from diffusion_lab.progress import track
-from diffusion_lab.sample import generate, resolve_device
+from diffusion_lab.sample import check_count, check_sampler, generate, require_checkpoint, resolve_device
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ALIASES = {"kid": "kid_classifier", "is": "is_classifier", "fid": None}
@@ -67,16 +67,25 @@ def exact_bpd(module, images: torch.Tensor, labels: torch.Tensor, batch_size: in
 
 
 def evaluate(cfg: DictConfig) -> dict:
+    ckpt_path = require_checkpoint(cfg)
     names, want_bpd = _metric_names(cfg.metric_names)
+    if names:
+        check_count(cfg, "n")
+        check_count(cfg, "batch_size")
+    if want_bpd:
+        check_count(cfg, "bpd_n")
+        check_count(cfg, "bpd_batch_size")
     device = resolve_device(cfg.device)
-    module, run_cfg, ckpt = load_module(cfg.ckpt, ema=cfg.ema)
+    module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
+    if names:
+        check_sampler(cfg, module)
     with open_dict(run_cfg):
         if cfg.data_root:
             run_cfg.dataset.root = cfg.data_root
     dm = instantiate(run_cfg.dataset)
     dm.prepare_data()
     results: dict = {
-        "checkpoint": str(Path(cfg.ckpt).resolve()),
+        "checkpoint": str(Path(ckpt_path).resolve()),
         "global_step": ckpt.get("global_step"),
         "dataset": dm.name,
         "ema": bool(cfg.ema),
@@ -89,6 +98,7 @@ def evaluate(cfg: DictConfig) -> dict:
         results.update(
             sampler=sname,
             sampler_steps=cfg.sampler.get("steps"),
+            guidance_scale=float(cfg.sampler.get("guidance_scale", 1.0)),
             nfe=nfe,
             n=int(cfg.n),
             sampling_seconds=round(time.perf_counter() - start, 2),

@@ -12,30 +12,39 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from pathlib import Path
 
 import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.checkpoint import load_module
 from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.media import save_animation, save_grid, to_uint8
 from diffusion_lab.progress import track
+from diffusion_lab.samplers import resolve_steps
 from diffusion_lab.samplers import sample as run_sampler
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-__all__ = ["generate", "resolve_device", "main"]
+__all__ = ["generate", "resolve_device", "require_checkpoint", "check_count", "check_sampler", "main"]
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``, ...; ValueError for a missing device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no CUDA device is available here: use device=cpu (or auto)")
+    return device
 
 
 @torch.no_grad()
@@ -47,10 +56,13 @@ def generate(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     label: int | None = None,
-    guidance_scale: float = 1.0,
     frames: list | None = None,
 ):
-    """Draw ``n`` samples in batches (batch i uses seed + i): (uint8 (n, C, H, W), labels (n,), nfe)."""
+    """Draw ``n`` samples in batches (batch i uses seed + i): (uint8 (n, C, H, W), labels (n,), nfe).
+
+    ``sampler`` carries every sampling option, classifier-free guidance (``guidance_scale``) included: the
+    ``sampler`` config is the one place they are set.
+    """
     device = torch.device(device)
     module = module.to(device).eval()
     outs, labels, nfe = [], [], 0
@@ -82,7 +94,6 @@ def generate(
             device=device,
             return_nfe=True,
             y=y,
-            guidance_scale=guidance_scale,
             callback=callback,
         )
         outs.append(to_uint8(x.cpu(), value_range=(-1, 1)))
@@ -91,32 +102,71 @@ def generate(
     return torch.cat(outs), torch.cat(labels), nfe
 
 
+def require_checkpoint(cfg: DictConfig) -> str:
+    """``cfg.ckpt``, or a one-line ValueError when it was not given."""
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
+        raise ValueError(
+            "no checkpoint given: add ckpt=PATH, e.g. ckpt=outputs/train/runs/<run>/checkpoints/last.ckpt"
+        )
+    return str(cfg.ckpt)
+
+
+def check_count(cfg: DictConfig, key: str) -> int:
+    """``cfg[key]`` as a whole number >= 1, or a one-line ValueError naming the key."""
+    value = cfg.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{key}={value!r} is not valid: give a whole number >= 1")
+    return value
+
+
+def check_sampler(cfg: DictConfig, module) -> None:
+    """Refuse, before anything is written, sampler steps outside [1, T] and labels the model lacks."""
+    if "guidance_scale" in cfg:  # e.g. +guidance_scale=3: it would be silently ignored
+        raise ValueError(
+            f"guidance_scale is a sampler option: write sampler.guidance_scale={cfg.guidance_scale}"
+        )
+    steps, grid = cfg.sampler.get("steps"), cfg.sampler.get("grid") or "uniform"
+    if steps is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                resolve_steps(module.diffusion, steps, grid, cfg.sampler.get("grid_opts"))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"sampler.steps={steps!r} is not valid: {e}") from None
+    label = cfg.get("label")
+    if label is not None:
+        k = int(module.hparams.num_classes)
+        if not module.hparams.class_conditional:
+            raise ValueError(f"label={label!r}: this checkpoint's model is unconditional; leave label=null")
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < k:
+            raise ValueError(f"label={label!r} is not valid: give a class in [0, {k - 1}] or null")
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     with exit_on_bad_input():
-        module, run_cfg, ckpt = load_module(cfg.ckpt, ema=cfg.ema)
+        _sample(cfg)
+
+
+def _sample(cfg: DictConfig) -> None:
+    ckpt_path = require_checkpoint(cfg)
+    n, batch_size = check_count(cfg, "n"), check_count(cfg, "batch_size")
+    module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
+    check_sampler(cfg, module)
     sampler = instantiate(cfg.sampler)
     name = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps
     out = (
         Path(cfg.out)
         if cfg.out
-        else Path(cfg.ckpt).resolve().parents[1] / "samples" / f"{name}-{steps}-seed{cfg.seed}"
+        else Path(ckpt_path).resolve().parents[1] / "samples" / f"{name}-{steps}-seed{cfg.seed}"
     )
-    out.mkdir(parents=True, exist_ok=True)
     frames: list | None = [] if cfg.animation else None
     start = time.perf_counter()
     images, labels, nfe = generate(
-        module,
-        sampler,
-        cfg.n,
-        cfg.seed,
-        cfg.batch_size,
-        resolve_device(cfg.device),
-        cfg.label,
-        cfg.guidance_scale,
-        frames,
+        module, sampler, n, cfg.seed, batch_size, resolve_device(cfg.device), cfg.label, frames
     )
+    out.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start
     save_grid(images[: min(len(images), 256)], out / "grid.png")
     np.savez_compressed(out / "samples.npz", samples=images.numpy(), labels=labels.numpy())
@@ -124,7 +174,7 @@ def main(cfg: DictConfig) -> None:
         idx = torch.linspace(0, len(frames) - 1, min(cfg.animation_frames, len(frames))).round().long()
         save_animation([frames[i] for i in idx.tolist()], out / "animation.gif")
     print(
-        f"{cfg.n} samples ({name}, {nfe} network evaluations each, step {ckpt.get('global_step')}) in "
+        f"{n} samples ({name}, {nfe} network evaluations each, step {ckpt.get('global_step')}) in "
         f"{seconds:.1f} s -> {out}"
     )
 

@@ -16,12 +16,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffusion_lab.build import build_module
 from diffusion_lab.callbacks import EMA, FinalLastCheckpoint, SampleQuality
-from diffusion_lab.checkpoint import build_module, check_compatible, find_last_checkpoint, read_checkpoint
+from diffusion_lab.checkpoint import check_compatible, find_last_checkpoint, read_checkpoint
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.config_utils import print_config_tree
+from diffusion_lab.fileio import remove_stale_temp_files
+from diffusion_lab.guards import NonFiniteGuard
 from diffusion_lab.loggers import build_loggers, close_loggers
+from diffusion_lab.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
+from diffusion_lab.safe_config import check_arguments
 
 log = logging.getLogger("diffusion_lab")
 
@@ -60,7 +65,9 @@ def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
         log.debug("callback %s: %s", name, type(cb).__name__)
     if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
         callbacks.append(FinalLastCheckpoint())
-    return callbacks + ema  # the EMA last: it swaps weights around validation
+    # first: a non-finite loss or gradient stops (or skips) the step before anything else sees it
+    guard = NonFiniteGuard(cfg.get("nan_policy", "stop"))
+    return [guard] + callbacks + ema  # the EMA last: it swaps weights around validation
 
 
 def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -107,16 +114,39 @@ def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     return callbacks
 
 
+def _remove_partial_checkpoints(folder: Path) -> None:
+    """Delete temporary files of checkpoint writes interrupted by a kill (only where no live run writes)."""
+    if folder.is_dir() and not run_dir_in_use(folder.parent):
+        for p in remove_stale_temp_files(folder):
+            log.info("removed %s, a partial checkpoint left by an interrupted write", p)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths."""
+    """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths.
+
+    The run directory is locked for the run (:mod:`diffusion_lab.run_lock`): a second run there is refused.
+    """
+    out_dir = Path(cfg.paths.output_dir)
+    took_lock = lock_run_dir(out_dir)
+    try:
+        return _train(cfg, out_dir)
+    finally:
+        if took_lock:
+            release_run_dir(out_dir)
+
+
+def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.get("print_config", True):
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_partial_checkpoints(out_dir / "checkpoints")
 
+    # the trainer first: its values feed others by interpolation (lr_scheduler.total_steps: trainer.max_steps)
+    check_arguments(cfg.trainer, "trainer")
+    check_arguments(cfg.dataset, "dataset")
     datamodule: pl.LightningDataModule = instantiate(cfg.dataset)
     image_shape = (datamodule.channels, datamodule.image_size, datamodule.image_size)
 
@@ -128,6 +158,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_compatible(ckpt["hyper_parameters"]["config"], cfg, ckpt_path)
         log.info("resuming from %s (step %s)", ckpt_path, ckpt.get("global_step"))
         del ckpt
+        _remove_partial_checkpoints(Path(ckpt_path).resolve().parent)
 
     module, n_params = build_module(cfg, image_shape, datamodule.num_classes)
     log.info("backbone %s: %s parameters", type(module.model).__name__, f"{n_params:,}")
@@ -145,7 +176,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     finally:
         close_loggers(loggers)  # one wandb run per run, also for the jobs of a multirun in one process
     wall = time.perf_counter() - start

@@ -1,0 +1,56 @@
+"""Build the :class:`~diffusion_lab.lit_module.DiffusionModule` of a run config: schedule, objective,
+backbone, optimizer, learning-rate schedule and sampler, each instantiated from its config group."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffusion_lab.safe_config import check_arguments
+
+__all__ = ["build_module"]
+
+
+def _make(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
+    """``instantiate(cfg[key])`` after checking its values against the target's annotations."""
+    check_arguments(cfg[key], key)
+    return instantiate(cfg[key], **kwargs)
+
+
+def build_module(cfg: DictConfig, image_shape: tuple[int, int, int], num_classes: int):
+    """Instantiate schedule, objective, backbone, optimizer and sampler from a run config.
+
+    Returns:
+        (module, number of backbone parameters).
+    """
+    from diffusion_lab.lit_module import DiffusionModule
+    from diffusion_lab.models import count_parameters
+
+    schedule = _make(cfg, "schedule")
+    # a partial, so that Hydra does not turn the Schedule dataclass into a config node
+    diffusion = _make(cfg, "objective", _partial_=True)(schedule=schedule)
+    C, H, _ = image_shape
+    model = _make(
+        cfg,
+        "model",
+        in_channels=C,
+        out_channels=diffusion.model_out_channels(C),
+        image_size=H,
+        num_classes=num_classes if cfg.get("class_conditional", False) else None,
+    )
+    module = DiffusionModule(
+        model=model,
+        diffusion=diffusion,
+        optimizer=_make(cfg, "optimizer"),
+        lr_scheduler=_make(cfg, "lr_scheduler") if cfg.get("lr_scheduler") else None,
+        sampler=_make(cfg, "sampler") if cfg.get("sampler") else None,
+        image_shape=image_shape,
+        num_classes=num_classes,
+        class_conditional=bool(cfg.get("class_conditional", False)),
+        cond_drop_prob=float(cfg.get("cond_drop_prob", 0.0)),
+        seed=int(cfg.get("seed", 0)),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    return module, count_parameters(model)
