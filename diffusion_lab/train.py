@@ -160,7 +160,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         del ckpt
         _remove_partial_checkpoints(Path(ckpt_path).resolve().parent)
 
-    module, n_params = build_module(cfg, image_shape, datamodule.num_classes)
+    module, n_params = build_module(cfg, image_shape, datamodule.num_classes, training=True)
     log.info("backbone %s: %s parameters", type(module.model).__name__, f"{n_params:,}")
 
     group, sweep_tags = _sweep_info(cfg)

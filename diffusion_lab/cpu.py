@@ -1,0 +1,63 @@
+"""CPU runtime settings that must be in place before torch starts its OpenMP thread pool.
+
+torch's CPU kernels run on an OpenMP team (GNU libgomp in the pip wheels). Every operator is a parallel
+region that ends in a barrier, and by default a thread that reaches the barrier first spins for a while
+before it sleeps. On a machine shared with other work that is the two-thread stall: our second thread
+shares a core with another process, the first one spins at thousands of barriers per training step, and
+the scheduler keeps both our threads and the other process fighting over the cores. libgomp's default
+spins 300,000 times at every barrier (``OMP_DISPLAY_ENV=VERBOSE`` shows ``GOMP_SPINCOUNT``);
+``OMP_WAIT_POLICY=PASSIVE`` makes it 0, so a waiting thread sleeps at once and hands its core back.
+``make bench`` ("threads" section, fresh worker processes) measures both policies, alone and beside a
+busy process: experiments/bench/results.md.
+
+The OpenMP runtime reads its environment once, when torch's shared libraries are loaded, so
+:func:`configure_cpu` must run before ``import torch``. ``diffusion_lab/__init__.py`` calls it, which
+covers every entry point (``train.py``, ``python -m diffusion_lab.<command>``, ``python -m experiments.*``)
+as long as nothing imports torch before the package. A variable the user has set is never overridden.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import MutableMapping
+
+__all__ = ["configure_cpu", "CPU_ENV_DEFAULTS"]
+
+# OMP_WAIT_POLICY is read by both GNU (libgomp) and Intel (libiomp5) OpenMP; KMP_BLOCKTIME is Intel's
+# own knob for the same thing (ms a thread spins before sleeping) and is ignored by libgomp.
+CPU_ENV_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+
+
+def configure_cpu(
+    threads: int | None = None, env: MutableMapping[str, str] | None = None, warn: bool = True
+) -> dict[str, str]:
+    """Set the OpenMP environment of this process (call before ``import torch``).
+
+    Args:
+        threads: if given, ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` (the size of torch's thread pool
+            from the start); None leaves torch's default (one thread per core) or the user's setting.
+        env: the environment to change (``os.environ`` by default; tests pass a dict).
+        warn: warn when torch is already imported, i.e. when the settings come too late for this process
+            (they still reach child processes).
+
+    Returns:
+        The variables this call set (those the user had set are left alone and not returned).
+    """
+    env = os.environ if env is None else env
+    wanted = dict(CPU_ENV_DEFAULTS)
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be a positive integer or null (torch's default), got {threads}")
+        wanted.update(OMP_NUM_THREADS=str(int(threads)), MKL_NUM_THREADS=str(int(threads)))
+    changed = {k: v for k, v in wanted.items() if k not in env}
+    env.update(changed)
+    if changed and warn and env is os.environ and "torch" in sys.modules:
+        warnings.warn(
+            "configure_cpu ran after `import torch`: OpenMP has read its settings already; "
+            "import diffusion_lab before torch (or set OMP_WAIT_POLICY=PASSIVE in the shell)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return changed
