@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import warnings
 from collections.abc import MutableMapping
 
-__all__ = ["configure_cpu", "CPU_ENV_DEFAULTS"]
+__all__ = ["configure_cpu", "idle_cores", "default_threads", "CPU_ENV_DEFAULTS"]
 
 # OMP_WAIT_POLICY is read by both GNU (libgomp) and Intel (libiomp5) OpenMP; KMP_BLOCKTIME is Intel's
 # own knob for the same thing (ms a thread spins before sleeping) and is ignored by libgomp.
@@ -61,3 +62,39 @@ def configure_cpu(
             stacklevel=2,
         )
     return changed
+
+
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies of all CPUs from /proc/stat, or None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def idle_cores(interval: float = 0.3) -> float | None:
+    """Cores left idle by everything else over the next ``interval`` seconds (None without /proc/stat)."""
+    first = _cpu_times()
+    if first is None:
+        return None
+    time.sleep(interval)
+    second = _cpu_times()
+    if second is None or second[1] <= first[1]:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores * (second[0] - first[0]) / (second[1] - first[1])
+
+
+def default_threads(interval: float = 0.3) -> int:
+    """torch threads for a run that did not choose: the cores idle right now, at least one.
+
+    A thread on a core that another process keeps busy makes every parallel region wait for it, so on a
+    shared machine fewer threads than cores run faster (make bench, "training" and "threads" sections).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    idle = idle_cores(interval)
+    if idle is None:
+        return cores
+    return max(1, min(cores, int(idle + 0.5)))

@@ -22,6 +22,7 @@ from diffusion_lab.checkpoint import check_compatible, find_last_checkpoint, rea
 from diffusion_lab.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.cli import exit_on_bad_input
 from diffusion_lab.config_utils import print_config_tree
+from diffusion_lab.cpu import default_threads
 from diffusion_lab.fileio import remove_stale_temp_files
 from diffusion_lab.guards import NonFiniteGuard
 from diffusion_lab.loggers import build_loggers, close_loggers
@@ -138,8 +139,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     if cfg.get("print_config", True):
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
+    threads = int(cfg.threads) if cfg.get("threads") else default_threads()
+    torch.set_num_threads(threads)
+    log.info("torch CPU threads: %d%s", threads, "" if cfg.get("threads") else " (the cores idle at start)")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_partial_checkpoints(out_dir / "checkpoints")

@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+from diffusion_lab import cpu
 from diffusion_lab.build import build_module, speed_up
 from diffusion_lab.cpu import configure_cpu
 from diffusion_lab.diffusion import GaussianDiffusion
@@ -112,3 +113,17 @@ def test_build_module_applies_the_switches_to_training_only(tmp_path):
     assert trained.model._compiled_call_impl is not None  # compiled in place: state_dict keys unchanged
     assert loaded.model._compiled_call_impl is None and loaded.model.out[-1].weight.is_contiguous()
     assert list(trained.state_dict()) == list(loaded.state_dict())
+
+
+@pytest.mark.parametrize(("idle", "expected"), [(0.2, 1), (1.0, 1), (1.6, 2), (3.9, 2), (None, 2)])
+def test_default_threads_counts_the_idle_cores(monkeypatch, idle, expected):
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(cpu, "idle_cores", lambda interval=0.3: idle)
+    assert cpu.default_threads() == expected
+
+
+def test_idle_cores_reads_this_machine():
+    idle = cpu.idle_cores(0.05)
+    if idle is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= idle <= len(os.sched_getaffinity(0)) + 1e-6
