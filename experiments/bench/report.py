@@ -1,0 +1,199 @@
+"""results.json -> results.md: one table per section, every ratio against a reference of the same run."""
+
+from __future__ import annotations
+
+__all__ = ["to_markdown"]
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join("" if v is None else str(v) for v in r) + " |" for r in rows]
+    return out + [""]
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        "# `make bench` results",
+        "",
+        f"Written by `python -m experiments.bench {r['args']}` in {r['wall_minutes']} minutes. "
+        "Every ratio compares cases measured in this one run, interleaved (medians of the repeats); absolute "
+        "numbers depend on what else ran (load average "
+        f"{m['load_average_at_start']} at the start, {r['load_average_at_end']} at the end, "
+        f"on {m['cores']} cores). "
+        '"per CPU-s" counts images per CPU-second of this process: with one thread it hardly depends on '
+        "the load, so it is the steadier measure of a one-thread change.",
+        "",
+        f"CPU: {m['cpu']}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["flags"].items()),
+        f"torch {m['torch']} (CPU capability {m['torch_cpu_capability']}); "
+        "oneDNN kernels of a bf16 conv/matmul: " + "; ".join(f"`{k}`" for k in m["onednn_bf16_kernels"]),
+        "",
+    ]
+    if "peaks" in r:
+        lines += ["## Matmul peaks (2048 x 2048 `torch.mm`, GFLOP/s)", ""]
+        lines += _table(
+            ["dtype, threads", "best", "median", "best by CPU time"],
+            [
+                [
+                    k.replace("_", ", ").replace("1t", "1 thread").replace("2t", "2 threads"),
+                    v["best_gflops"],
+                    v["median_gflops"],
+                    v["best_gflops_cpu_time"],
+                ]
+                for k, v in r["peaks"].items()
+            ],
+        )
+    if "training" in r:
+        lines += [
+            "## Training throughput (one optimizer step on a fixed batch; v objective, sigmoid schedule)",
+            "",
+        ]
+        groups: dict = {}
+        for row in r["training"]:
+            groups.setdefault((row["model"], row["image_size"]), []).append(row)
+        for (model, size), rows in groups.items():
+            lines += [
+                f"**{model}, {size}x{size}** ({rows[0]['gflop_per_image']} GFLOP per image, "
+                "forward + backward; "
+                f"reference: the first row)",
+                "",
+            ]
+            lines += _table(
+                [
+                    "setup",
+                    "images/s",
+                    "x ref",
+                    "per CPU-s",
+                    "x ref (CPU)",
+                    "GFLOP/s",
+                    "% of matmul peak",
+                    "compile s",
+                ],
+                [
+                    [
+                        x["setup"],
+                        x["images_per_s"],
+                        x["vs_reference"],
+                        x["images_per_cpu_s"],
+                        x["vs_reference_cpu"],
+                        x["achieved_gflops"],
+                        x["pct_of_matmul_peak"],
+                        x["compile_seconds"],
+                    ]
+                    for x in rows
+                ],
+            )
+    if "numerics" in r:
+        n = r["numerics"]
+        lines += [
+            f"## fp32 vs bf16-mixed training ({n['steps']} steps, digits 16x16, batch {n['batch']})",
+            "",
+        ]
+        lines += _table(
+            [
+                "run",
+                f"mean loss per {n['window']} steps",
+                "val bits/dim (fp32 eval)",
+                "val bits/dim (bf16 eval)",
+            ],
+            [
+                [
+                    k,
+                    " ".join(map(str, v["loss_windows"])),
+                    "{:.3f} +- {:.3f}".format(*v["val_bpd_fp32_eval"]),
+                    "{:.3f} +- {:.3f}".format(*v["val_bpd_bf16_eval"]) if "val_bpd_bf16_eval" in v else None,
+                ]
+                for k, v in n["runs"].items()
+            ],
+        )
+        lines += [
+            f"Largest gap between window means: bf16 vs fp32 {n['max_window_gap_bf16_vs_fp32']}, "
+            f"fp32 seed 1 vs seed 0 {n['max_window_gap_seed1_vs_seed0']}.",
+            "",
+        ]
+    if "threads" in r:
+        lines += [
+            "## Threads: the two-thread stall "
+            "(unet_tiny 32x32, batch 128, bf16-mixed; a fresh worker process per measurement)",
+            "",
+        ]
+        lines += _table(
+            ["situation", "case", "images/s", "x one thread"],
+            [[x["situation"], x["case"], x["images_per_s"], x["vs_one_thread"]] for x in r["threads"]],
+        )
+    if "sampling" in r:
+        lines += ["## Sampling throughput (unet_tiny 32x32, 32 images per run, 1 thread)", ""]
+        lines += _table(
+            ["sampler", "variant", "images/s", "x fp32", "per CPU-s", "GFLOP/s", "compile s"],
+            [
+                [
+                    x["sampler"],
+                    x["variant"],
+                    x["images_per_s"],
+                    x["vs_fp32"],
+                    x["images_per_cpu_s"],
+                    x["achieved_gflops"],
+                    x["compile_seconds"],
+                ]
+                for x in r["sampling"]
+            ],
+        )
+    if "quality" in r and "rows" in r["quality"]:
+        q = r["quality"]
+        lines += [
+            f"## Sample quality: {q['n']} samples, {q['sampler']}, "
+            f"{q['image_size']}x{q['image_size']} checkpoint (step {q['global_step']})",
+            "",
+        ]
+        lines += _table(
+            ["variant", "seed", "FID (classifier features)", "class entropy", "seconds (incl. compile)"],
+            [
+                [x["variant"], x["seed"], x["fid_classifier"], x["class_entropy"], x["seconds_incl_compile"]]
+                for x in q["rows"]
+            ],
+        )
+    elif "quality" in r:
+        lines += ["## Sample quality", "", f"Not measured: {r['quality']['skipped']}", ""]
+    if "peer" in r and "rows" in r["peer"]:
+        p = r["peer"]
+        peer_args = ", ".join(f"{k}={v}" for k, v in p["peer_unet"].items())
+        lines += [
+            f"## Side by side with denoising-diffusion-pytorch ({p['image_size']}x{p['image_size']}, "
+            f"training batch {p['batch']}, sampling batch {p.get('sampling_batch', p['batch'])}, "
+            f"{p['threads']} thread)",
+            "",
+            f"Parameters: ours {p['parameters']['ours']:,}, peer {p['parameters']['peer']:,}; "
+            f"training GFLOP per image: ours {p['gflop_per_image_train']['ours']}, "
+            f"peer {p['gflop_per_image_train']['peer']} (peer U-Net: `Unet({peer_args})`).",
+            "",
+        ]
+        lines += _table(
+            ["work", "precision", "ours images/s", "peer images/s", "ours / peer"],
+            [
+                [
+                    x["what"],
+                    x["precision"],
+                    x["ours_images_per_s"],
+                    x["peer_images_per_s"],
+                    x["ours_over_peer"],
+                ]
+                for x in p["rows"]
+            ],
+        )
+    elif "peer" in r:
+        lines += [
+            "## Side by side with denoising-diffusion-pytorch",
+            "",
+            f"Not measured: {r['peer']['skipped']}",
+            "",
+        ]
+    if "loader" in r:
+        lines += ["## Loader vs training step", ""]
+        lines += _table(
+            ["dataset", "loader images/s", "bf16 training images/s", "ratio"],
+            [
+                [x["dataset"], x["loader_images_per_s"], x["train_images_per_s"], x["ratio"]]
+                for x in r["loader"]
+            ],
+        )
+    return "\n".join(lines)

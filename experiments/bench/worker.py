@@ -1,0 +1,43 @@
+"""One training-throughput measurement in a fresh process (OpenMP reads its settings once per process).
+
+    python -m experiments.bench.worker {default|configured} THREADS SECONDS    (THREADS 0: train.py's default)
+
+``default`` imports torch before diffusion_lab, so OpenMP starts with its own settings (as every run did
+before ``diffusion_lab.cpu``); ``configured`` imports diffusion_lab first, as ``train.py`` does. Prints one
+JSON line: images/s of unet_tiny at 32x32, batch 128, bf16-mixed, and the wait policy OpenMP was given.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+
+def main(mode: str, threads: int, seconds: float) -> None:
+    if mode == "default":
+        import torch  # noqa: F401  (first: OpenMP keeps its own defaults)
+    import diffusion_lab  # noqa: F401
+    from experiments.bench.setups import TrainSetup, train_step
+
+    if threads == 0:  # what train.py does when threads is null
+        from diffusion_lab.cpu import default_threads
+
+        threads = default_threads()
+    step, _ = train_step("unet_tiny", 32, TrainSetup(bf16=True, threads=threads))
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        n += step()
+    ips = n / (time.perf_counter() - start)
+    print(
+        json.dumps(
+            {"images_per_s": ips, "threads": threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
+        )
+    )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] not in ("default", "configured"):
+        sys.exit("usage: python -m experiments.bench.worker {default|configured} THREADS SECONDS")
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
