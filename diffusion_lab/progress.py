@@ -59,7 +59,9 @@ def track(iterable: Iterable[T], description: str, total: int | None = None) -> 
     )
     _active += 1
     try:
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        forced = os.environ.get("DIFFUSION_LAB_PROGRESS") is not None  # =1 draws even without a terminal
+        console = Console(stderr=True, force_terminal=True if forced else None)
+        with Progress(*columns, console=console, transient=True) as bar:
             task = bar.add_task(description, total=total)
             for item in iterable:
                 yield item

@@ -102,6 +102,16 @@ def generate(
     return torch.cat(outs), torch.cat(labels), nfe
 
 
+def grid_layout(n: int, num_classes: int | None, most: int = 256) -> tuple[int, int | None]:
+    """(images shown, images per row) of the sample grid: with ``num_classes`` (labels cycling through the
+    classes) one column per class, so column k holds class k, in as many whole rows as fit in ``most``."""
+    if not num_classes:
+        return min(n, most), None
+    k = int(num_classes)
+    rows = max(1, min(n, max(most, k)) // k)
+    return min(n, rows * k), k
+
+
 def require_checkpoint(cfg: DictConfig) -> str:
     """``cfg.ckpt``, or a one-line ValueError when it was not given."""
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
@@ -132,7 +142,13 @@ def check_sampler(cfg: DictConfig, module) -> None:
                 warnings.simplefilter("ignore")
                 resolve_steps(module.diffusion, steps, grid, cfg.sampler.get("grid_opts"))
         except (ValueError, TypeError) as e:
-            raise ValueError(f"sampler.steps={steps!r} is not valid: {e}") from None
+            if str(e).startswith("unknown grid"):
+                key, value = "sampler.grid", grid
+            elif isinstance(e, TypeError):  # an option the grid does not take
+                key, value = "sampler.grid_opts", dict(cfg.sampler.get("grid_opts") or {})
+            else:
+                key, value = "sampler.steps", steps
+            raise ValueError(f"{key}={value!r} is not valid: {e}") from None
     label = cfg.get("label")
     if label is not None:
         k = int(module.hparams.num_classes)
@@ -168,7 +184,11 @@ def _sample(cfg: DictConfig) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start
-    save_grid(images[: min(len(images), 256)], out / "grid.png")
+    shown, nrow = grid_layout(
+        len(images),
+        module.hparams.num_classes if module.hparams.class_conditional and cfg.label is None else None,
+    )
+    save_grid(images[:shown], out / "grid.png", nrow=nrow)
     np.savez_compressed(out / "samples.npz", samples=images.numpy(), labels=labels.numpy())
     if frames:
         idx = torch.linspace(0, len(frames) - 1, min(cfg.animation_frames, len(frames))).round().long()

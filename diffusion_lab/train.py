@@ -13,7 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.build import build_module
@@ -62,6 +62,8 @@ def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
         if cb_cfg is None or "_target_" not in cb_cfg:
             continue
         cb = instantiate(cb_cfg)
+        if isinstance(cb, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue  # trainer.enable_progress_bar=false turns every bar off (Lightning refuses both)
         (ema if isinstance(cb, EMA) else callbacks).append(cb)
         log.debug("callback %s: %s", name, type(cb).__name__)
     if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):

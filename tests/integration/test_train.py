@@ -386,3 +386,17 @@ def test_sample_quality_at_the_end_of_training(make_cfg, digits_classifier):
     steps = [r.split(",")[header.split(",").index("step")] for r in rows if r.split(",")[col]]
     assert len(steps) == 2, "evaluated at step 2 and at the end (step 3)"
     assert list(Path(result["output_dir"]).glob("checkpoints/best-fid_classifier-*.ckpt"))
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_enable_progress_bar_false_drops_the_step_bar(tmp_path, enabled):
+    """trainer.enable_progress_bar=false with the default callbacks: no progress bar callback is built
+    (Lightning refuses a ProgressBar callback when the bar is disabled), and the default keeps the step bar."""
+    from lightning.pytorch.callbacks import ProgressBar
+
+    from diffusion_lab.progress_bar import StepProgressBar
+    from diffusion_lab.train import _callbacks
+
+    cfg = _compose(tmp_path, "callbacks=default", f"trainer.enable_progress_bar={str(enabled).lower()}")
+    bars = [cb for cb in _callbacks(cfg) if isinstance(cb, ProgressBar)]
+    assert [type(b) for b in bars] == ([StepProgressBar] if enabled else [])

@@ -45,6 +45,14 @@ def test_track_draws_a_bar_on_a_terminal(terminal, capfd):
     assert "counting" in err and "/3" in err and "eta" in err
 
 
+def test_progress_flag_draws_without_a_terminal(no_terminal, monkeypatch, capfd):
+    """DIFFUSION_LAB_PROGRESS=1 alone (stderr a pipe, e.g. `| tee log`) still draws the bar."""
+    monkeypatch.setenv("DIFFUSION_LAB_PROGRESS", "1")
+    assert list(track(range(3), "counting")) == [0, 1, 2]
+    err = capfd.readouterr().err
+    assert "counting" in err and "3/3" in err
+
+
 def test_track_is_silent_without_a_terminal(no_terminal, capfd):
     assert list(track(range(3), "counting")) == [0, 1, 2]
     out, err = capfd.readouterr()

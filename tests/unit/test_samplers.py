@@ -586,3 +586,44 @@ def test_sampler_configs_instantiate(name):
     cfg.grid = "quadratic"
     with pytest.raises(ValueError, match="unknown grid 'quadratic'"):
         instantiate(cfg)(oracle(d), d, torch.randn(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize("n,k", [(100, 10), (180, 36), (1000, 36), (20, 36)])
+def test_sample_grid_of_a_conditional_model_has_one_column_per_class(n, k):
+    """`sample` cycles the labels 0..K-1; the grid keeps whole rows of K, so column c shows class c."""
+    from diffusion_lab.sample import grid_layout
+
+    shown, nrow = grid_layout(n, k)
+    labels = torch.arange(n) % k
+    assert nrow == k and shown <= max(256, k) and shown == min(n, shown)
+    if n >= k:
+        assert shown % k == 0 and shown >= k
+        columns = labels[:shown].view(-1, k)
+        assert torch.equal(columns, torch.arange(k).expand_as(columns))
+    assert grid_layout(n, None) == (min(n, 256), None)
+
+
+@pytest.mark.parametrize(
+    "sampler,key",
+    [
+        ({"steps": 5000, "grid": "uniform"}, "sampler.steps=5000"),
+        ({"steps": 0, "grid": "uniform"}, "sampler.steps=0"),
+        ({"steps": 10, "grid": "unifrom"}, "sampler.grid='unifrom'"),
+        ({"steps": 10, "grid": "karras", "grid_opts": {"rhoo": 5}}, "sampler.grid_opts={'rhoo': 5}"),
+    ],
+)
+def test_sample_command_names_the_bad_sampler_key(sampler, key):
+    """`sample` refuses a bad sampler config before writing anything, naming the key at fault."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from diffusion_lab.sample import check_sampler
+
+    module = SimpleNamespace(
+        diffusion=GaussianDiffusion(make_schedule("linear", timesteps=100)),
+        hparams=SimpleNamespace(num_classes=10, class_conditional=False),
+    )
+    with pytest.raises(ValueError) as err:
+        check_sampler(OmegaConf.create({"sampler": sampler, "label": None}), module)
+    assert str(err.value).startswith(key + " is not valid"), str(err.value)
