@@ -391,7 +391,7 @@ def test_sample_quality_at_the_end_of_training(make_cfg, digits_classifier):
 @pytest.mark.parametrize("enabled", [True, False])
 def test_enable_progress_bar_false_drops_the_step_bar(tmp_path, enabled):
     """trainer.enable_progress_bar=false with the default callbacks: no progress bar callback is built
-    (Lightning refuses a ProgressBar callback when the bar is disabled), and the default keeps the step bar."""
+    (Lightning refuses a ProgressBar callback when the bar is disabled); the default keeps the bar."""
     from lightning.pytorch.callbacks import ProgressBar
 
     from diffusion_lab.progress_bar import StepProgressBar
