@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
     real, real_labels = dm.real_images("test")
-    names = dm.class_names() if hasattr(dm, "class_names") else [str(i) for i in range(k)]
+    names = dm.class_names
     classifier_path = args.classifier or cfg.metrics.classifier_path
     classifier = load_classifier(classifier_path)
     suite = MetricSuite(
@@ -173,9 +173,9 @@ def write_table(meta: dict, rows: list[dict], path: Path) -> None:
         f"{meta['classifier_accuracy_on_real_test']:.2%}). Hardware: {meta['hardware']}.",
         "",
         "| guidance scale s | FID (classifier) | accuracy on the requested class | worst class | "
-        "class entropy | within-class spread | s |",
+        "class entropy | within-class spread | seconds |",
         "|---|---|---|---|---|---|---|",
-        f"| real test images | {ref['fid_classifier']:.2f} | {ref['accuracy']:.3f} | - | "
+        f"| real test images | {max(ref['fid_classifier'], 0.0):.2f} | {ref['accuracy']:.3f} | - | "
         f"{ref['class_entropy']:.3f} | 1 | - |",
     ]
     for r in rows:
