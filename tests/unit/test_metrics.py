@@ -294,3 +294,14 @@ def test_inception_metrics_run_end_to_end_with_local_weights(tmp_path, digits, r
     assert abs(same["fid_inception"]) < 1e-3 * diff["fid_inception"], (same, diff)
     with pytest.raises(FileNotFoundError, match="inception_weights"):
         compute_metrics(["fid_inception"], real, real, inception_weights=tmp_path / "absent.pth")
+
+
+def test_guidance_sweep_within_class_spread():
+    """experiments/guidance: a class's spread is its members' mean distance to their mean (nan when < 2)."""
+    from experiments.guidance import class_spread
+
+    feats = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 0.0], [3.0, 4.0], [9.0, 9.0]])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    spread = class_spread(feats, labels, 4)
+    assert torch.allclose(spread[:2], torch.tensor([1.0, 2.5]))
+    assert spread[2:].isnan().all()
