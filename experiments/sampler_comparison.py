@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> None:
         "dataset": f"{dm.name} {dm.image_size}x{dm.image_size} (real: test split, {len(real)} images)",
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "parameters": sum(p.numel() for p in module.model.parameters()),
-        "schedule": cfg.schedule.name,
-        "timesteps": cfg.schedule.timesteps,
-        "objective": cfg.objective.parameterization,
+        "schedule": cfg.schedule.name if "parameterization" in cfg.objective else "edm karras",
+        "timesteps": module.diffusion.num_timesteps,
+        "objective": cfg.objective.get("parameterization", "edm"),
         "n_samples": args.n,
         "hardware": f"{platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} torch threads, CPU only",
