@@ -99,7 +99,7 @@ class FinalLastCheckpoint(pl.Callback):
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath:
                 if getattr(cb, "_last_global_step_saved", -1) != trainer.global_step:
                     path = cb.last_model_path or str(Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}.ckpt")
-                    trainer.save_checkpoint(path)
+                    trainer.save_checkpoint(path, weights_only=False)  # the full state: it resumes
                     cb.last_model_path = path
                     cb._last_checkpoint_saved = path
                     cb._last_global_step_saved = trainer.global_step
