@@ -1,17 +1,16 @@
 """EDM against the DDPM family: classifier-feature FID and class histograms against NFE for every sampler.
 
-Train both models with the same backbone and wall-clock budget (``conf/experiment/edm_hoda32.yaml``: Hoda
-digits at 32x32, unet_tiny, 30 minutes), the second with the best DDPM-family recipe of
-``experiments/schedules_objectives`` (v-prediction, sigmoid schedule):
+Train both models with the same backbone, batch, lr, EMA and wall-clock budget (Hoda digits at 32x32,
+unet_tiny, 30 minutes of one core): ``experiment=edm_hoda32`` and ``experiment=hoda32_uncond``, the best
+DDPM-family recipe of ``experiments/schedules_objectives`` (v-prediction, sigmoid schedule):
 
-    python train.py experiment=edm_hoda32 dataset.root=/path/to/hoda
-    python train.py experiment=edm_hoda32 dataset.root=/path/to/hoda objective=v schedule=sigmoid \
-        sampler=dpm_solver task_name=ddpm_hoda32
+    python train.py experiment=edm_hoda32 dataset.root=/path/to/hoda threads=1
+    python train.py experiment=hoda32_uncond dataset.root=/path/to/hoda threads=1
 
 then score them (the digit classifier of the metrics group must exist, see ``diffusion_lab.evaluate``):
 
     python -m experiments.edm_vs_ddpm --edm outputs/edm_hoda32/runs/<run>/checkpoints/last.ckpt \
-        --ddpm outputs/ddpm_hoda32/runs/<run>/checkpoints/last.ckpt --data-root /path/to/hoda --n 1000
+        --ddpm outputs/hoda32_uncond/runs/<run>/checkpoints/last.ckpt --data-root /path/to/hoda --n 1000
 
 Every sampler (Heun, Euler, DDIM with eta = 0, DPM-Solver++(2M), and ancestral DDPM) runs on both models at
 the same network-evaluation budgets (``--nfe``; Heun takes (NFE + 1) / 2 steps), each on its default grid
