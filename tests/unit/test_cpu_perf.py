@@ -96,12 +96,44 @@ def _cfg(*overrides: str, out: str = "unused"):
 
 
 def test_trainer_presets_carry_the_speed_settings():
-    cpu, gpu, ddp = _cfg(), _cfg("trainer=gpu"), _cfg("trainer=ddp")
-    assert cpu.trainer.precision == "bf16-mixed" and not cpu.compile and not cpu.channels_last
+    on_cpu, gpu, ddp = _cfg(), _cfg("trainer=gpu"), _cfg("trainer=ddp")
+    assert on_cpu.trainer.precision == cpu.default_cpu_precision() and not on_cpu.compile
+    assert not on_cpu.channels_last
     for cfg in (gpu, ddp):
         assert cfg.trainer.precision == "bf16-mixed" and cfg.compile and cfg.channels_last
         assert cfg.trainer.accelerator == "gpu"
     assert ddp.trainer.strategy == "ddp"
+
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw avx512_bf16\n"
+SAPPHIRE_RAPIDS = "flags\t\t: avx2 avx512f amx_tile amx_bf16 amx_int8\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize(
+    ("cpuinfo", "expected"),
+    [
+        (AVX2_ONLY, "32-true"),
+        (ZEN4, "bf16-mixed"),
+        (SAPPHIRE_RAPIDS, "bf16-mixed"),
+        (GRAVITON3, "bf16-mixed"),
+    ],
+)
+def test_cpu_precision_follows_the_bf16_units(cpuinfo, expected):
+    """bf16-mixed only where oneDNN has bf16 units: without them bf16 autocast is many times slower."""
+    assert cpu.default_cpu_precision(cpu.cpu_flags(cpuinfo)) == expected
+    assert cpu.default_cpu_precision(frozenset()) == "32-true"
+    assert cpu.cpu_flags("no flags line") is None
+
+
+def test_cpu_trainer_precision_resolves_from_this_machine(monkeypatch):
+    avx2 = cpu.cpu_flags(AVX2_ONLY)
+    monkeypatch.setattr(cpu, "cpu_flags", lambda cpuinfo=None: avx2)
+    assert _cfg().trainer.precision == "32-true"
+    monkeypatch.setattr(cpu, "cpu_flags", lambda cpuinfo=None: frozenset({"avx512_bf16"}))
+    assert _cfg().trainer.precision == "bf16-mixed"
+    assert _cfg("trainer.precision=32-true").trainer.precision == "32-true", "an explicit choice wins"
 
 
 def test_build_module_applies_the_switches_to_training_only(tmp_path):
