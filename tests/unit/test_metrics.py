@@ -305,3 +305,16 @@ def test_guidance_sweep_within_class_spread():
     spread = class_spread(feats, labels, 4)
     assert torch.allclose(spread[:2], torch.tensor([1.0, 2.5]))
     assert spread[2:].isnan().all()
+
+
+def test_edm_vs_ddpm_reference_is_a_random_subset_of_a_class_sorted_split():
+    """The real-image reference row draws across the split, not its first n (Hoda's test split is sorted)."""
+    from experiments.edm_vs_ddpm import random_subset
+
+    labels = torch.arange(10).repeat_interleave(200)  # sorted by class, as stored
+    images = labels.view(-1, 1, 1, 1).expand(-1, 1, 2, 2).clone()
+    pick = random_subset(images, 1000, seed=0)
+    counts = torch.bincount(pick[:, 0, 0, 0], minlength=10)
+    assert len(pick) == 1000 and (counts > 60).all() and (counts < 140).all(), counts.tolist()
+    assert len(torch.unique(pick[:, 0, 0, 0])) == 10
+    assert torch.equal(pick, random_subset(images, 1000, seed=0)), "seeded"
