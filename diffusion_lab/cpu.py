@@ -110,7 +110,7 @@ def default_threads(interval: float = 0.3) -> int:
 
 # CPU features behind fast bf16 matmuls and convolutions in oneDNN: x86 AVX512-BF16 and AMX-BF16, Arm's BF16
 # extension (/proc/cpuinfo "Features"). Without them torch runs bf16 through slow conversion paths: on an
-# AVX2-only CPU bf16-mixed trained unet_tiny at 32x32 about 20x slower than fp32 (README "Performance").
+# AVX2-only CPU bf16-mixed trained unet_tiny at 32x32 about 8x slower than fp32 (README "Performance").
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
