@@ -16,6 +16,9 @@ References
 - sigmoid:   Jabri et al. 2022 (RIN) / Chen 2023 ("On the importance of noise scheduling"), Algorithm 1.
 - quadratic: linear in sqrt(beta) (the "scaled_linear" schedule of latent diffusion).
 - geometric: betas in geometric progression between ``beta_start`` and ``beta_end``.
+- log_snr_shift: Hoogeboom et al. 2023 ("simple diffusion"), Sec. 3.1: log SNR'(t) = log SNR(t) + shift,
+  i.e. alpha_bar' = sigmoid(logit(alpha_bar) + shift); a negative shift spends more of the chain (and of
+  training, with t uniform) at high noise, where the global layout of an image is decided.
 - zero_terminal_snr: Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed"),
   Algorithm 1: shift and scale sqrt(alpha_bar) so that alpha_bar_T = 0.
 """
@@ -29,7 +32,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["Schedule", "make_schedule", "SCHEDULES", "rescale_zero_terminal_snr", "betas_from_alphas_cumprod"]
+__all__ = [
+    "Schedule",
+    "make_schedule",
+    "SCHEDULES",
+    "rescale_zero_terminal_snr",
+    "shift_log_snr",
+    "betas_from_alphas_cumprod",
+]
 
 
 @dataclass(frozen=True)
@@ -160,13 +170,26 @@ def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
     return betas_from_alphas_cumprod(sqrt_ab**2)
 
 
-def make_schedule(name: str, timesteps: int = 1000, zero_terminal_snr: bool = False, **kwargs) -> Schedule:
+def shift_log_snr(betas: Tensor, shift: float) -> Tensor:
+    """Hoogeboom et al. 2023, Sec. 3.1: log SNR(t) + shift at every t.
+
+    alpha_bar'_t = sigmoid(logit(alpha_bar_t) + shift), then beta'_t = 1 - alpha_bar'_t / alpha_bar'_{t-1}.
+    """
+    alphas_cumprod = torch.cumprod(1.0 - betas, 0)
+    shifted = torch.sigmoid(torch.logit(alphas_cumprod) + shift)
+    return betas_from_alphas_cumprod(shifted).clamp(max=MAX_BETA)
+
+
+def make_schedule(
+    name: str, timesteps: int = 1000, zero_terminal_snr: bool = False, log_snr_shift: float = 0.0, **kwargs
+) -> Schedule:
     """Build a named schedule.
 
     Args:
         name: one of ``SCHEDULES`` (linear, cosine, sigmoid, quadratic, geometric).
         timesteps: T, the number of diffusion steps (>= 2).
-        zero_terminal_snr: rescale so that alpha_bar_T = 0 exactly (Lin et al. 2024).
+        zero_terminal_snr: rescale so that alpha_bar_T = 0 exactly (Lin et al. 2024), after any shift.
+        log_snr_shift: add this to log SNR at every step (Hoogeboom et al. 2023); < 0 means noisier.
         **kwargs: the recipe's own parameters (e.g. ``beta_start``, ``s``, ``tau``).
     """
     if name not in SCHEDULES:
@@ -182,6 +205,10 @@ def make_schedule(name: str, timesteps: int = 1000, zero_terminal_snr: bool = Fa
         raise ValueError(f"schedule '{name}': invalid parameters {sorted(kwargs)}: {e}") from None
     # The 1000/T scaling pushes betas past 1 for very short chains (T < 50): cap them like the cosine's.
     betas = betas.clamp(max=MAX_BETA)
+    if not isinstance(log_snr_shift, int | float) or not math.isfinite(log_snr_shift):
+        raise ValueError(f"schedule '{name}': log_snr_shift must be a finite number, got {log_snr_shift!r}")
+    if log_snr_shift != 0:
+        betas = shift_log_snr(betas, float(log_snr_shift))
     if zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return Schedule(name=name, betas=betas)

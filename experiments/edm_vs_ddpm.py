@@ -1,11 +1,13 @@
 """EDM against the DDPM family: classifier-feature FID and class histograms against NFE for every sampler.
 
 Train both models with the same backbone, batch, lr, EMA and wall-clock budget (Hoda digits at 32x32,
-unet_tiny, 30 minutes of one core): ``experiment=edm_hoda32`` and ``experiment=hoda32_uncond``, the best
-DDPM-family recipe of ``experiments/schedules_objectives`` (v-prediction, sigmoid schedule):
+unet_tiny, 30 minutes of one core): ``experiment=edm_hoda32`` and ``experiment=hoda32_uncond`` without the
+log-SNR shift and class balancing it has since gained (``experiments/uncond_recipe``), the best DDPM-family
+recipe of ``experiments/schedules_objectives`` (v-prediction, sigmoid schedule):
 
     python train.py experiment=edm_hoda32 dataset.root=/path/to/hoda threads=1
-    python train.py experiment=hoda32_uncond dataset.root=/path/to/hoda threads=1
+    python train.py experiment=hoda32_uncond dataset.root=/path/to/hoda threads=1 schedule.log_snr_shift=0 \
+        dataset.balance_classes=false
 
 then score them (the digit classifier of the metrics group must exist, see ``diffusion_lab.evaluate``):
 

@@ -99,6 +99,8 @@ class DiffusionDataModule(L.LightningDataModule):
         val_fraction: share of the training part held out for validation (and test where no test file).
         seed: seed of the train/val permutation and of ``real_images`` subsets.
         hflip: random horizontal flips of training batches (null: dataset default, on for cifar10 only).
+        balance_classes: draw training images so that every class is equally frequent (see
+            :class:`ResumableBatches`); validation and test keep the data's own class shares.
         cache_dir: decoded-dataset cache (null: $DIFFUSION_LAB_CACHE or ~/.cache/diffusion_lab).
         download: fetch missing files from the published sources.
         **options: dataset-specific settings (mnist/persian/cifar10 ``mirrors``, persian ``box_fraction``,
@@ -118,6 +120,7 @@ class DiffusionDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         seed: int = 0,
         hflip: bool | None = None,
+        balance_classes: bool = False,
         cache_dir: str | Path | None = None,
         download: bool = False,
         **options: Any,
@@ -148,6 +151,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.val_fraction = float(val_fraction)
         self.seed = int(seed)
         self.hflip = cls.default_hflip if hflip is None else bool(hflip)
+        self.balance_classes = bool(balance_classes)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self._plan: tuple[str, str | None] | None = None
         self._parts: dict[str, dict[str, Any]] = {}
@@ -291,7 +295,12 @@ class DiffusionDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         self._train_batches = ResumableBatches(
-            ds, self.batch_size, seed=self.seed, rank=rank, world_size=world
+            ds,
+            self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            balance_classes=self.balance_classes,
         )
         if self._pending_state is not None:
             self._train_batches.load_state_dict(self._pending_state)

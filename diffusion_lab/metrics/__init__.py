@@ -20,7 +20,14 @@ from diffusion_lab.metrics.classifier import (
     save_classifier,
 )
 from diffusion_lab.metrics.fid import InceptionFeatures, RealStats, RealStatsCache, make_fid, real_statistics
-from diffusion_lab.metrics.suite import DISPLAY_NAMES, METRIC_NAMES, MetricSuite, compute_metrics, scalar_logs
+from diffusion_lab.metrics.suite import (
+    DISPLAY_NAMES,
+    METRIC_NAMES,
+    MetricSuite,
+    compute_metrics,
+    scalar_logs,
+    uniformity,
+)
 
 __all__ = [
     "ClassifierConfig",
@@ -38,5 +45,6 @@ __all__ = [
     "METRIC_NAMES",
     "MetricSuite",
     "compute_metrics",
+    "uniformity",
     "scalar_logs",
 ]

@@ -12,7 +12,10 @@ Metric names say which network supplies the features; a bare "FID" never appears
     kid_classifier    KID on the same features                                     real, and a classifier
     is_classifier     Inception Score on the classifier's logits (<= num_classes)  a classifier
     class_histogram   counts of the classifier's argmax over the fake samples,     a classifier
-                      plus ``class_entropy`` = H(p)/log K in [0, 1] (1 = uniform)
+                      plus ``class_entropy`` = H(p)/log K in [0, 1] (1 = uniform),
+                      ``class_max_deviation`` = max_k |K p_k - 1| (0.15: every class within
+                      +-15% of uniform) and ``class_chi2_p``, the p-value of Pearson's
+                      chi-square test of the counts against uniform
 
 Results: floats under those names; KID and IS also give ``<name>_std`` (spread over subsets / splits);
 ``class_histogram`` is an int64 (K,) tensor summing to the number of fake samples. :func:`scalar_logs`
@@ -59,7 +62,7 @@ from diffusion_lab.metrics.fid import (
     real_statistics,
 )
 
-__all__ = ["METRIC_NAMES", "DISPLAY_NAMES", "MetricSuite", "compute_metrics", "scalar_logs"]
+__all__ = ["METRIC_NAMES", "DISPLAY_NAMES", "MetricSuite", "compute_metrics", "scalar_logs", "uniformity"]
 
 DISPLAY_NAMES = {
     "fid_inception": "FID (Inception-v3 pool3 features)",
@@ -276,7 +279,26 @@ class MetricSuite:
             entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
             out["class_histogram"] = histogram
             out["class_entropy"] = entropy / math.log(histogram.numel()) if histogram.numel() > 1 else 0.0
+            out.update(uniformity(histogram))
         return out
+
+
+def uniformity(histogram: Tensor) -> dict[str, float]:
+    """How far class counts n_k (K classes, n in all) are from uniform.
+
+    ``class_max_deviation`` = max_k |n_k K / n - 1|, the largest relative miss of the uniform share;
+    ``class_chi2_p`` = P(chi^2_{K-1} >= sum_k (n_k - n/K)^2 / (n/K)), Pearson's test: small values mean
+    the counts are unlikely from a uniform generator (for n = 1000 and K = 10 a uniform generator keeps
+    every class within +-15% only about a third of the time, so read the deviation together with n).
+    """
+    counts = histogram.double()
+    n, k = counts.sum().item(), counts.numel()
+    if n == 0 or k < 2:
+        return {"class_max_deviation": 0.0, "class_chi2_p": 1.0}
+    expected = n / k
+    chi2 = ((counts - expected) ** 2 / expected).sum()
+    p = torch.special.gammaincc(torch.tensor((k - 1) / 2.0, dtype=torch.float64), chi2 / 2.0).item()
+    return {"class_max_deviation": ((counts / expected) - 1.0).abs().max().item(), "class_chi2_p": p}
 
 
 def compute_metrics(

@@ -226,6 +226,12 @@ def test_experiment_presets_build_a_model_that_runs(tmp_path, option):
     opt = instantiate(cfg.optimizer)(model.parameters())
     instantiate(cfg.lr_scheduler)(opt)
     assert opt.param_groups[0]["lr"] > 0, "the learning rate at step 0 is not zero"
+    if option == "hoda32_uncond":  # experiments/uncond_recipe: shifted sigmoid schedule, class-balanced draws
+        from diffusion_lab.schedules import make_schedule
+
+        assert dm.balance_classes
+        plain = make_schedule("sigmoid", 1000, start=-3.0, end=3.0, tau=1.0)
+        assert instantiate(cfg.schedule).log_snr[500].item() == pytest.approx(plain.log_snr[500].item() - 3.0)
 
 
 def test_unknown_choice_and_bad_value_exit_cleanly(tmp_path, run_command):

@@ -91,6 +91,22 @@ def test_seeded_split_is_deterministic_and_disjoint(cache):
     assert len(s1[0]) == 100 and torch.equal(s1[0], s2[0])
 
 
+def test_balance_classes_reaches_the_training_batches(cache):
+    plain, balanced = _digits(cache), _digits(cache, balance_classes=True)
+    for dm in (plain, balanced):
+        dm.setup("fit")
+    assert plain.train_dataloader().by_class is None
+    batches = balanced.train_dataloader()
+    train_labels = balanced.real_images("train")[1]
+    assert batches.epoch_size == 10 * int(torch.bincount(train_labels).max())
+    drawn = torch.bincount(torch.cat([y for _, y in batches]), minlength=10)
+    # whole batches of an epoch of 10 equal classes: each class within one batch of its equal share
+    assert drawn.max() - drawn.min() <= balanced.batch_size
+    assert int(drawn.min()) > 0.9 * int(torch.bincount(train_labels).max())
+    # the validation set keeps the data's own class shares
+    assert torch.equal(balanced.real_images("val")[1], plain.real_images("val")[1])
+
+
 def test_hflip_flips_about_half():
     images = torch.arange(4 * 4, dtype=torch.uint8).view(1, 1, 4, 4).repeat(400, 1, 1, 1)
     ds = TensorBatches(images, torch.zeros(400, dtype=torch.int64), torch.arange(400), hflip=True)
@@ -141,6 +157,9 @@ def test_every_config_instantiates(name, size, channels, hflip, tmp_path):
     dm = instantiate(cfg.dataset)
     assert isinstance(dm, DiffusionDataModule)
     assert (dm.name, dm.image_size, dm.channels, dm.hflip) == (name, size, channels, hflip)
+    assert dm.balance_classes is False
+    balanced = _compose(name, f"dataset.cache_dir={tmp_path}", "dataset.balance_classes=true")
+    assert instantiate(balanced.dataset).balance_classes
     if name != "folder":
         assert dm.num_classes == 10
 

@@ -23,6 +23,7 @@ from diffusion_lab.metrics import (
     load_classifier,
     save_classifier,
     scalar_logs,
+    uniformity,
 )
 from diffusion_lab.metrics.classifier import ClassifierConfig
 from diffusion_lab.metrics.train_classifier import random_affine, train_classifier
@@ -133,6 +134,22 @@ def test_class_histogram_counts_every_sample(digits, classifier):
     assert math.isclose(sum(v for k, v in logs.items() if k.startswith("val/class_frac/")), 1.0)
 
 
+def test_uniformity_against_closed_forms():
+    even = uniformity(torch.full((10,), 100))
+    assert even == {"class_max_deviation": 0.0, "class_chi2_p": 1.0}
+    # K = 2: chi^2 with 1 degree of freedom; counts 60/40 give chi^2 = 4, P(chi^2_1 >= 4) = erfc(sqrt(2))
+    two = uniformity(torch.tensor([60, 40]))
+    assert two["class_max_deviation"] == pytest.approx(0.2)
+    assert two["class_chi2_p"] == pytest.approx(math.erfc(math.sqrt(2.0)), rel=1e-9)
+    # K = 3: 2 degrees of freedom, P(chi^2_2 >= x) = exp(-x / 2); counts 50/30/20 of 100 give x = 14
+    three = uniformity(torch.tensor([50, 30, 20]))
+    assert three["class_max_deviation"] == pytest.approx(0.5)
+    assert three["class_chi2_p"] == pytest.approx(math.exp(-7.0), rel=1e-9)
+    # the histogram of issue 12's first unconditional model: zeros at 45 of 1000 miss uniform by 55%
+    first = uniformity(torch.tensor([45, 88, 108, 150, 107, 109, 81, 104, 80, 128]))
+    assert first["class_max_deviation"] == pytest.approx(0.55) and first["class_chi2_p"] < 1e-10
+
+
 def test_inception_score_of_one_class_is_one_and_of_many_classes_is_large(digits, classifier):
     x, y = digits
     # A classifier that predicts class 3 with certainty for every input: p(y|x) = p(y), so IS = exp(0) = 1.
@@ -144,6 +161,7 @@ def test_inception_score_of_one_class_is_one_and_of_many_classes_is_large(digits
     assert abs(out["is_classifier"] - 1.0) < 1e-4
     assert out["class_histogram"].tolist() == [0, 0, 0, 200, 0, 0, 0, 0, 0, 0]
     assert out["class_entropy"] == 0.0
+    assert out["class_max_deviation"] == 9.0 and out["class_chi2_p"] < 1e-100
 
     ones = x[y == 1][:100]
     one_class = compute_metrics(["is_classifier"], ones, classifier=classifier, is_splits=1)["is_classifier"]

@@ -81,6 +81,30 @@ def test_zero_terminal_snr(name):
     assert (s.alphas_cumprod[1:] <= s.alphas_cumprod[:-1]).all()
 
 
+@pytest.mark.parametrize("name", ["linear", "cosine", "sigmoid"])
+@pytest.mark.parametrize("shift", [-2.0, 1.5])
+def test_log_snr_shift_moves_every_step_by_the_shift(name, shift):
+    """Hoogeboom et al. 2023, Sec. 3.1: log SNR'(t) = log SNR(t) + shift, away from the max_beta cap."""
+    base = make_schedule(name, 1000)
+    s = make_schedule(name, 1000, log_snr_shift=shift)
+    uncapped = s.betas < 0.999
+    assert uncapped[:900].all()
+    diff = (s.log_snr - base.log_snr)[uncapped]
+    assert torch.allclose(diff, torch.full_like(diff, shift), atol=1e-6)
+    # alpha_bar = sigmoid(log SNR): the closed form at one step, by hand
+    t = 400
+    expected = 1.0 / (1.0 + math.exp(-(base.log_snr[t].item() + shift)))
+    assert s.alphas_cumprod[t].item() == pytest.approx(expected, rel=1e-9)
+    assert torch.equal(make_schedule(name, 1000, log_snr_shift=0.0).betas, base.betas)
+
+
+def test_log_snr_shift_then_zero_terminal_snr():
+    s = make_schedule("sigmoid", 1000, log_snr_shift=-1.0, zero_terminal_snr=True)
+    shifted = make_schedule("sigmoid", 1000, log_snr_shift=-1.0)
+    assert s.alphas_cumprod[-1].item() == 0.0
+    assert s.alphas_cumprod[0].item() == pytest.approx(shifted.alphas_cumprod[0].item(), rel=1e-9)
+
+
 def test_errors_are_clear():
     with pytest.raises(ValueError, match="unknown schedule 'cosin'.*cosine.*linear"):
         make_schedule("cosin", 1000)
@@ -92,5 +116,9 @@ def test_errors_are_clear():
         make_schedule("sigmoid", 100, tau=0)
     with pytest.raises(ValueError, match=r"beta_end must lie in \(0, 1\)"):
         make_schedule("linear", 1000, beta_end=1.5)
+    with pytest.raises(ValueError, match="log_snr_shift must be a finite number"):
+        make_schedule("cosine", 100, log_snr_shift=float("nan"))
+    with pytest.raises(ValueError, match="log_snr_shift must be a finite number"):
+        make_schedule("cosine", 100, log_snr_shift="-1")
     short = make_schedule("linear", 10)  # 1000/T scaling would give beta_T = 2: capped at 0.999
     assert short.betas.max().item() == pytest.approx(0.999)
