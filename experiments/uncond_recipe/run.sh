@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The unconditional-recipe search of experiments/uncond_recipe: four 30-minute runs of one core each (two at a
+# The unconditional-recipe search of experiments/uncond_recipe: six 30-minute runs of one core each (two at a
 # time on a 2-core CPU), then the class histogram and classifier FID of each.
 #   bash experiments/uncond_recipe/run.sh /path/to/hoda
 # The digit classifier must exist: python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=...
@@ -29,4 +29,9 @@ wait
 score balanced_shift2 5000 & score balanced_shift3 5000 &
 wait
 score balanced_shift3 1000 & score balanced_shift3 2000 sampler=ddpm sampler.steps=50 &
+wait
+train lr2e-3 optimizer.lr=2e-3 &
+train batch32 dataset.batch_size=32 &
+wait
+score lr2e-3 5000 & score batch32 2000 &
 wait
