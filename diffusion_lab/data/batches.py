@@ -66,7 +66,7 @@ class ResumableBatches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         if self.by_class is None:
             return torch.randperm(len(self.dataset), generator=g)
-        m = max(len(ix) for ix in self.by_class)
+        m = self.epoch_size // len(self.by_class)  # the largest class's size
         per_class = []
         for ix in self.by_class:
             repeats = -(-m // len(ix))
