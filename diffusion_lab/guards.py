@@ -7,7 +7,8 @@ EMA or a checkpoint:
   quantity. Lightning saves nothing after an exception (no periodic save, no ``last.ckpt`` at the end), so
   the last checkpoint on disk is the last finite one.
 * ``nan_policy=skip``: drop the step's gradients (the optimizer leaves every weight as it was), count it,
-  and log the count as ``train/skipped_steps``.
+  and log the count as ``train/skipped_steps``. A run that keeps failing has diverged for good: after
+  ``nan_skip_limit`` skipped steps in a row it stops as under ``stop`` (``null``: skip without a limit).
 
 Under DDP the gradients are checked after their all-reduce, so every rank sees the same verdict. With fp16
 mixed precision the gradient scaler already skips overflowing steps, so only the loss is checked there.
@@ -39,13 +40,21 @@ class NonFiniteGuard(pl.Callback):
 
     Args:
         policy: ``stop`` (raise :class:`NonFiniteError`) or ``skip`` (leave the weights unchanged this step).
+        skip_limit: under ``skip``, raise :class:`NonFiniteError` once this many steps in a row were skipped
+            (``None``: never).
     """
 
-    def __init__(self, policy: str = "stop"):
+    def __init__(self, policy: str = "stop", skip_limit: int | None = 100):
         if policy not in NAN_POLICIES:
             raise ValueError(f"nan_policy={policy!r} is not valid: choose stop or skip")
+        if skip_limit is not None and (
+            isinstance(skip_limit, bool) or not isinstance(skip_limit, int) or skip_limit < 1
+        ):
+            raise ValueError(f"nan_skip_limit={skip_limit!r} is not valid: give a whole number >= 1, or null")
         self.policy = policy
+        self.skip_limit = skip_limit
         self.skipped = 0
+        self.in_a_row = 0
         self._bad_loss: float | None = None
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -59,11 +68,18 @@ class NonFiniteGuard(pl.Callback):
         else:
             what = self._bad_gradient(trainer, pl_module, step)
         self._bad_loss = None
+        self.in_a_row = self.in_a_row + 1 if what is not None else 0
         if what is not None:
             if self.policy == "stop":
                 raise NonFiniteError(
                     f"{what}; training stopped, the last checkpoint on disk is the last finite one; lower "
                     "optimizer.lr, or set nan_policy=skip to skip such steps"
+                )
+            if self.skip_limit is not None and self.in_a_row >= self.skip_limit:
+                raise NonFiniteError(
+                    f"{what}; {self.in_a_row} steps in a row skipped (nan_skip_limit={self.skip_limit}): "
+                    "the run has diverged, training stopped, the last checkpoint on disk is the last finite "
+                    "one; lower optimizer.lr, or raise nan_skip_limit"
                 )
             for group in optimizer.param_groups:
                 for p in group["params"]:
@@ -97,7 +113,8 @@ class NonFiniteGuard(pl.Callback):
             )
 
     def state_dict(self) -> dict:
-        return {"skipped": self.skipped}
+        return {"skipped": self.skipped, "in_a_row": self.in_a_row}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped = int(state_dict.get("skipped", 0))
+        self.in_a_row = int(state_dict.get("in_a_row", 0))

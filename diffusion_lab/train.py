@@ -69,7 +69,7 @@ def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
     if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
         callbacks.append(FinalLastCheckpoint())
     # first: a non-finite loss or gradient stops (or skips) the step before anything else sees it
-    guard = NonFiniteGuard(cfg.get("nan_policy", "stop"))
+    guard = NonFiniteGuard(cfg.get("nan_policy", "stop"), cfg.get("nan_skip_limit", 100))
     return [guard] + callbacks + ema  # the EMA last: it swaps weights around validation
 
 

@@ -239,6 +239,46 @@ def test_non_finite_gradient_is_named(make_cfg, monkeypatch):
         train(make_cfg())
 
 
+@pytest.mark.parametrize(
+    ("bad_calls", "limit", "stops_at"),
+    [
+        (set(range(100)), 3, 2),  # every step: the 3rd in a row stops the run
+        ({0, 1, 3, 4, 6, 7}, 3, None),  # two in a row, then a finite step: the count starts again
+        (set(range(100)), None, None),  # no limit: skipped to the end
+    ],
+)
+def test_skipping_stops_after_nan_skip_limit_steps_in_a_row(
+    make_cfg, monkeypatch, bad_calls, limit, stops_at
+):
+    from diffusion_lab.guards import NonFiniteError, NonFiniteGuard
+    from diffusion_lab.lit_module import DiffusionModule
+    from diffusion_lab.train import train
+
+    calls = []
+
+    def poison(self):
+        if len(calls) in bad_calls:
+            next(self.model.parameters()).grad.fill_(float("nan"))
+        calls.append(self.global_step)
+
+    monkeypatch.setattr(DiffusionModule, "on_after_backward", poison, raising=False)
+    cfg = make_cfg(
+        "nan_policy=skip", f"nan_skip_limit={'null' if limit is None else limit}", "trainer.max_steps=8"
+    )
+    if stops_at is None:
+        train(cfg)
+        assert len(calls) == 8, "every step ran"
+        return
+    pattern = rf"^non-finite gradient \(model\.[\w.]+\) at step {stops_at}; "
+    pattern += rf"{limit} steps in a row skipped \(nan_skip_limit={limit}\): the run has diverged"
+    with pytest.raises(NonFiniteError, match=pattern):
+        train(cfg)
+    assert len(calls) == stops_at + 1
+    for bad in (0, -1, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="nan_skip_limit=.* is not valid"):
+            NonFiniteGuard("skip", bad)
+
+
 # ------------------------------------------------------------------------------------ 3. full disks
 
 
