@@ -232,6 +232,9 @@ def test_experiment_presets_build_a_model_that_runs(tmp_path, option):
         assert dm.balance_classes
         plain = make_schedule("sigmoid", 1000, start=-3.0, end=3.0, tau=1.0)
         assert instantiate(cfg.schedule).log_snr[500].item() == pytest.approx(plain.log_snr[500].item() - 3.0)
+        sampler = instantiate(cfg.sampler)  # Heun 18 steps with a little churn (EDM Algorithm 2)
+        assert sampler.func.__name__ == "heun_sample"
+        assert (sampler.keywords["steps"], sampler.keywords["S_churn"]) == (18, 2.0)
 
 
 def test_unknown_choice_and_bad_value_exit_cleanly(tmp_path, run_command):
