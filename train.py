@@ -2,9 +2,9 @@
 
 import sys
 
-from diffusion_lab.cli import exit_on_bad_input
-from diffusion_lab.extras import check_hydra_plugins
 from diffusion_lab.train import main
+from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.extras import check_hydra_plugins
 
 if __name__ == "__main__":
     with exit_on_bad_input():  # a launcher or sweeper of a missing extra: one line naming it

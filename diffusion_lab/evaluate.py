@@ -21,12 +21,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.checkpoint import load_module
-from diffusion_lab.cli import exit_on_bad_input
-from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
-from diffusion_lab.progress import track
 from diffusion_lab.sample import check_count, check_sampler, generate, require_checkpoint, resolve_device
+from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.media import to_unit_range
+from diffusion_lab.utils.progress import track
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ALIASES = {"kid": "kid_classifier", "is": "is_classifier", "fid": None}

@@ -21,12 +21,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.checkpoint import load_module
-from diffusion_lab.cli import exit_on_bad_input
-from diffusion_lab.media import save_animation, save_grid, to_uint8
-from diffusion_lab.progress import track
 from diffusion_lab.samplers import resolve_steps
 from diffusion_lab.samplers import sample as run_sampler
+from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.media import save_animation, save_grid, to_uint8
+from diffusion_lab.utils.progress import track
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from diffusion_lab.extras import MissingExtraError, require_extra
+from diffusion_lab.utils.extras import MissingExtraError, require_extra
 
 __all__ = ["collect", "write_summary", "main"]
 

@@ -16,18 +16,18 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.build import build_module
-from diffusion_lab.callbacks import EMA, FinalLastCheckpoint, SampleQuality
-from diffusion_lab.checkpoint import check_compatible, find_last_checkpoint, read_checkpoint
-from diffusion_lab.checkpoint_io import AtomicCheckpointIO
-from diffusion_lab.cli import exit_on_bad_input
-from diffusion_lab.config_utils import print_config_tree
-from diffusion_lab.cpu import default_threads
-from diffusion_lab.fileio import remove_stale_temp_files
-from diffusion_lab.guards import NonFiniteGuard
-from diffusion_lab.loggers import build_loggers, close_loggers
-from diffusion_lab.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
-from diffusion_lab.safe_config import check_arguments
+from diffusion_lab.training.build import build_module
+from diffusion_lab.training.callbacks import EMA, FinalLastCheckpoint, SampleQuality
+from diffusion_lab.training.checkpoint import check_compatible, find_last_checkpoint, read_checkpoint
+from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.training.guards import NonFiniteGuard
+from diffusion_lab.training.loggers import build_loggers, close_loggers
+from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
+from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.config_utils import print_config_tree
+from diffusion_lab.utils.cpu import default_threads
+from diffusion_lab.utils.fileio import remove_stale_temp_files
+from diffusion_lab.utils.safe_config import check_arguments, upgrade_targets
 
 log = logging.getLogger("diffusion_lab")
 
@@ -127,7 +127,8 @@ def _remove_partial_checkpoints(folder: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths.
 
-    The run directory is locked for the run (:mod:`diffusion_lab.run_lock`): a second run there is refused.
+    The run directory is locked for the run (:mod:`diffusion_lab.training.run_lock`):
+    a second run there is refused.
     """
     out_dir = Path(cfg.paths.output_dir)
     took_lock = lock_run_dir(out_dir)
@@ -159,7 +160,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         ckpt_path = str(find_last_checkpoint(cfg.paths.log_dir, cfg.task_name))
     if ckpt_path:
         ckpt = read_checkpoint(ckpt_path)
-        check_compatible(ckpt["hyper_parameters"]["config"], cfg, ckpt_path)
+        check_compatible(upgrade_targets(ckpt["hyper_parameters"]["config"]), cfg, ckpt_path)
         log.info("resuming from %s (step %s)", ckpt_path, ckpt.get("global_step"))
         del ckpt
         _remove_partial_checkpoints(Path(ckpt_path).resolve().parent)

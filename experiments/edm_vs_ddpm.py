@@ -36,11 +36,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from diffusion_lab.checkpoint import load_module
-from diffusion_lab.media import save_grid
 from diffusion_lab.metrics import MetricSuite
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import get_sampler
+from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.media import save_grid
 
 SAMPLERS = ("heun", "euler", "ddim", "dpm_solver", "ddpm")
 LABELS = {

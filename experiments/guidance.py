@@ -39,12 +39,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from diffusion_lab.checkpoint import load_module
-from diffusion_lab.media import save_grid, to_unit_range
 from diffusion_lab.metrics import MetricSuite
 from diffusion_lab.metrics.classifier import load_classifier
 from diffusion_lab.sample import generate, grid_layout
 from diffusion_lab.samplers import get_sampler
+from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.media import save_grid, to_unit_range
 
 
 @torch.no_grad()

@@ -28,10 +28,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from diffusion_lab.checkpoint import load_module
 from diffusion_lab.metrics import MetricSuite
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import GRIDS, get_sampler
+from diffusion_lab.training.checkpoint import load_module
 
 SAMPLERS = ("ddpm", "ddim", "dpm_solver")
 LABELS = {"ddpm": "DDPM", "ddim": "DDIM (eta 0)", "dpm_solver": "DPM-Solver++(2M)"}

@@ -5,7 +5,8 @@ second. The file name carries a hash of everything that determines the content, 
 size or option gives a new entry instead of stale data.
 
 Concurrency: writers take a per-entry file lock, re-check, then write the entry atomically
-(:func:`~diffusion_lab.fileio.atomic_write`). Readers never see a partial file, so DDP ranks and multirun
+(:func:`~diffusion_lab.utils.fileio.atomic_write`).
+Readers never see a partial file, so DDP ranks and multirun
 jobs can share one cache directory; a temporary file left by a killed writer is removed by the next writer.
 
 Integrity: each entry stores a CRC-32 of its images and labels, checked on every load; an entry that fails
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from diffusion_lab.fileio import atomic_write, remove_stale_temp_files
+from diffusion_lab.utils.fileio import atomic_write, remove_stale_temp_files
 
 log = logging.getLogger(__name__)
 

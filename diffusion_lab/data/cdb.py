@@ -44,7 +44,7 @@ from torch import Tensor
 
 from diffusion_lab.data.errors import CorruptDataError
 from diffusion_lab.data.transforms import single_thread
-from diffusion_lab.media import to_uint8
+from diffusion_lab.utils.media import to_uint8
 
 __all__ = [
     "CdbHeader",

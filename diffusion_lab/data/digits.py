@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from diffusion_lab.data.cache import fingerprint_files
 from diffusion_lab.data.source import DataSource, Decoded
 from diffusion_lab.data.transforms import to_channels
-from diffusion_lab.media import to_uint8
+from diffusion_lab.utils.media import to_uint8
 
 __all__ = ["DigitsSource", "DIGITS_COUNT"]
 

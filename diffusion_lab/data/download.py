@@ -1,7 +1,7 @@
 """Verified downloads: try each mirror, check size / md5 / content, and keep only a complete file.
 
 A download streams into a hidden temporary file beside the destination, is verified there, and is moved into
-place with ``os.replace`` (:func:`~diffusion_lab.fileio.atomic_write`). A failed or corrupt download is
+place with ``os.replace`` (:func:`~diffusion_lab.utils.fileio.atomic_write`). A failed or corrupt download is
 deleted, so a later run never mistakes a partial file for data. A failure is a :class:`DownloadError`, one
 line that the commands print without a traceback.
 """
@@ -15,8 +15,8 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from diffusion_lab.cli import CommandError
-from diffusion_lab.fileio import DiskFullError, atomic_write
+from diffusion_lab.utils.cli import CommandError
+from diffusion_lab.utils.fileio import DiskFullError, atomic_write
 
 __all__ = ["download_file", "file_md5", "join_url", "DownloadError"]
 

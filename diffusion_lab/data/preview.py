@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torchvision.utils import make_grid, save_image
 
-from diffusion_lab.cli import HELP_FLAGS, print_command_help
+from diffusion_lab.utils.cli import HELP_FLAGS, print_command_help
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _OPTIONS = {"out": None, "split": "train", "per_class": "10", "n": "64", "scale": "3"}

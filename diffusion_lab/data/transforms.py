@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lab.media import to_uint8
+from diffusion_lab.utils.media import to_uint8
 
 __all__ = ["to_channels", "resize_square", "single_thread"]
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.fileio import atomic_write
-from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics.features import DualFeatureExtractor, check_uint8_images
+from diffusion_lab.utils.fileio import atomic_write
+from diffusion_lab.utils.media import to_unit_range
 
 __all__ = [
     "ClassifierConfig",

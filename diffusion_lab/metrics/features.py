@@ -24,7 +24,7 @@ def check_uint8_images(x: Tensor, what: str) -> None:
         got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
             f"{what}: expected uint8 images (N, C, H, W) with C in {{1, 3}}, got {got}; "
-            "convert with diffusion_lab.media.to_uint8(x, value_range=(-1, 1))"
+            "convert with diffusion_lab.utils.media.to_uint8(x, value_range=(-1, 1))"
         )
 
 

@@ -32,9 +32,9 @@ import torch
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 
-from diffusion_lab.fileio import atomic_write
 from diffusion_lab.metrics.features import DualFeatureExtractor, check_uint8_images, to_rgb
-from diffusion_lab.progress import track
+from diffusion_lab.utils.fileio import atomic_write
+from diffusion_lab.utils.progress import track
 
 __all__ = [
     "InceptionFeatures",

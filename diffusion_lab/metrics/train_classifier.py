@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_lab.media import to_unit_range
 from diffusion_lab.metrics.classifier import ClassifierConfig, DigitClassifier, save_classifier
-from diffusion_lab.progress import track
+from diffusion_lab.utils.media import to_unit_range
+from diffusion_lab.utils.progress import track
 
 __all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "main", "compose_config", "command"]
 
@@ -269,7 +269,7 @@ def command(argv: Sequence[str]) -> None:
     is named) and returns; otherwise train, with bad input ending in one line and exit code 1."""
     from omegaconf import OmegaConf
 
-    from diffusion_lab.cli import HELP_FLAGS, exit_on_bad_input, print_command_help
+    from diffusion_lab.utils.cli import HELP_FLAGS, exit_on_bad_input, print_command_help
 
     with exit_on_bad_input():
         if any(a in HELP_FLAGS for a in argv):

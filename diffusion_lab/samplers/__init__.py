@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.samplers.common import NFECounter, dynamic_thresholding, guided_model_output, resolve_steps
 from diffusion_lab.samplers.ddim import ddim_sample
 from diffusion_lab.samplers.ddpm import ddpm_sample

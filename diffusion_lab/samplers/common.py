@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.samplers.timesteps import make_grid
 
 __all__ = [

@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
-from diffusion_lab.progress import track
+from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.samplers.common import (
     Callback,
     check_x_T,
@@ -29,6 +28,7 @@ from diffusion_lab.samplers.common import (
     randn_like,
     resolve_steps,
 )
+from diffusion_lab.utils.progress import track
 
 __all__ = ["ddim_sample", "ddim_coefficients"]
 

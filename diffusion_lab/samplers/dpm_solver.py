@@ -29,8 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
-from diffusion_lab.progress import track
+from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.samplers.common import (
     Callback,
     check_x_T,
@@ -40,6 +39,7 @@ from diffusion_lab.samplers.common import (
     resolve_steps,
 )
 from diffusion_lab.samplers.timesteps import half_log_snr
+from diffusion_lab.utils.progress import track
 
 __all__ = ["dpm_solver_sample"]
 

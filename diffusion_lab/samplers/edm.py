@@ -18,10 +18,12 @@ S_churn = 0 is the deterministic Algorithm 1 (2N - 1 network evaluations); Euler
 
 The denoiser D comes from the diffusion:
 
-* :class:`~diffusion_lab.edm.EDMDiffusion`: its preconditioned network at any sigma (EDM Eq. 7); the grid
+* :class:`~diffusion_lab.processes.edm.EDMDiffusion`:
+  its preconditioned network at any sigma (EDM Eq. 7); the grid
   ``karras`` is EDM Eq. 5 exactly (``grid_opts``: sigma_min, sigma_max, rho), any other grid picks sigmas of
   the diffusion's discrete view.
-* any discrete :class:`~diffusion_lab.diffusion.GaussianDiffusion` (eps / x0 / v, any schedule): step t has
+* any discrete :class:`~diffusion_lab.processes.diffusion.GaussianDiffusion`
+  (eps / x0 / v, any schedule): step t has
   sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); the network sees x_t = x / sqrt(1 + sigma_t^2) at t and
   D is its x_0 prediction. Sigmas are rounded to the nearest sigma_t in log sigma (EDM's ``round_sigma`` for
   discrete models, App. C.3.2), so the grid (any of ``timesteps.GRIDS``) and the churned s_hat are steps of
@@ -41,9 +43,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
-from diffusion_lab.edm import EDMDiffusion
-from diffusion_lab.progress import track
+from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.processes.edm import EDMDiffusion
 from diffusion_lab.samplers.common import (
     Callback,
     _null_labels,
@@ -55,6 +56,7 @@ from diffusion_lab.samplers.common import (
 )
 from diffusion_lab.samplers.timesteps import karras_sigmas, make_grid
 from diffusion_lab.samplers.timesteps import sigmas as discrete_sigmas
+from diffusion_lab.utils.progress import track
 
 __all__ = ["euler_sample", "heun_sample", "churn_gamma", "sigma_denoiser", "SigmaDenoiser"]
 

@@ -39,7 +39,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.processes.diffusion import GaussianDiffusion
 
 __all__ = ["GRIDS", "make_grid", "karras_sigmas", "half_log_snr", "sigmas"]
 

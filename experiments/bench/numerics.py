@@ -9,8 +9,8 @@ import statistics
 import torch
 
 from diffusion_lab.data import DiffusionDataModule
-from diffusion_lab.diffusion import GaussianDiffusion
-from diffusion_lab.schedules import make_schedule
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
 from experiments.bench.setups import autocast, build_unet
 
 __all__ = ["run_numerics"]

@@ -83,9 +83,9 @@ def run_sampling_quality(
 ) -> dict:
     """FID on the classifier's features of ``n`` DPM-Solver++ 20-step samples per variant, same seeds; an
     fp32 row with other seeds gives the seed-to-seed spread."""
-    from diffusion_lab.checkpoint import load_module
     from diffusion_lab.metrics import MetricSuite
     from diffusion_lab.sample import generate
+    from diffusion_lab.training.checkpoint import load_module
 
     module, cfg, ckpt_dict = load_module(ckpt)
     with open_dict(cfg):

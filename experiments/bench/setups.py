@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.models import UNet
-from diffusion_lab.schedules import make_schedule
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
 
 __all__ = ["TrainSetup", "build_unet", "make_diffusion", "flops_per_image", "train_step", "autocast"]
 

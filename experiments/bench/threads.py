@@ -1,5 +1,6 @@
 """The two-thread stall: one vs two threads, with OpenMP's default wait policy and with
-``diffusion_lab.cpu.configure_cpu``'s, alone and beside a competing busy process, each in a fresh worker."""
+``diffusion_lab.utils.cpu.configure_cpu``'s, alone and beside a competing busy process, each in a fresh
+worker."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diffusion_lab.cpu import CPU_ENV_DEFAULTS
+from diffusion_lab.utils.cpu import CPU_ENV_DEFAULTS
 
 __all__ = ["run_threads"]
 

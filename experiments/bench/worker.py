@@ -3,7 +3,8 @@
     python -m experiments.bench.worker {default|configured} THREADS SECONDS    (THREADS 0: train.py's default)
 
 ``default`` imports torch before diffusion_lab, so OpenMP starts with its own settings (as every run did
-before ``diffusion_lab.cpu``); ``configured`` imports diffusion_lab first, as ``train.py`` does. Prints one
+before ``diffusion_lab.utils.cpu``);
+``configured`` imports diffusion_lab first, as ``train.py`` does. Prints one
 JSON line: images/s of unet_tiny at 32x32, batch 128, bf16-mixed, and the wait policy OpenMP was given.
 """
 
@@ -22,7 +23,7 @@ def main(mode: str, threads: int, seconds: float) -> None:
     from experiments.bench.setups import TrainSetup, train_step
 
     if threads == 0:  # what train.py does when threads is null
-        from diffusion_lab.cpu import default_threads
+        from diffusion_lab.utils.cpu import default_threads
 
         threads = default_threads()
     step, _ = train_step("unet_tiny", 32, TrainSetup(bf16=True, threads=threads))

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_lab.checkpoint import load_module
-from diffusion_lab.edm import EDMDiffusion
+from diffusion_lab.processes.edm import EDMDiffusion
 from diffusion_lab.train import train
+from diffusion_lab.training.checkpoint import load_module
 
 
 def test_edm_trains_and_its_checkpoint_samples_with_heun(make_cfg, tmp_path):

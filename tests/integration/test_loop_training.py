@@ -13,11 +13,11 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 import diffusion_lab.samplers as samplers
-from diffusion_lab.checkpoint import load_module
-from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.metrics import MetricSuite
-from diffusion_lab.optim import warmup_cosine_factor
+from diffusion_lab.processes.diffusion import GaussianDiffusion
 from diffusion_lab.train import train
+from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.training.optim import warmup_cosine_factor
 
 CKPT = ["callbacks=default", "callbacks.sample_grid=null", "callbacks.progress_bar=null"]
 CONDITIONAL = [

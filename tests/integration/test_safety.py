@@ -156,8 +156,8 @@ def test_checkpoint_with_a_pickle_payload_is_refused_and_never_run(tiny_checkpoi
 
 def test_lightning_resume_load_is_weights_only(tiny_checkpoint, tmp_path):
     """The load behind trainer.fit(ckpt_path=...) is safe by itself, not only because train() checks first."""
-    from diffusion_lab.checkpoint import UnsafeCheckpointError
-    from diffusion_lab.checkpoint_io import AtomicCheckpointIO
+    from diffusion_lab.training.checkpoint import UnsafeCheckpointError
+    from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO
 
     marker = tmp_path / "payload_ran"
     evil = tmp_path / "evil.ckpt"
@@ -227,9 +227,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
 
 def test_non_finite_gradient_is_named(make_cfg, monkeypatch):
     """A finite loss with a NaN gradient: the parameter is named."""
-    from diffusion_lab.guards import NonFiniteError
-    from diffusion_lab.lit_module import DiffusionModule
     from diffusion_lab.train import train
+    from diffusion_lab.training.guards import NonFiniteError
+    from diffusion_lab.training.lit_module import DiffusionModule
 
     def poison(self):  # after backward, before the optimizer step
         next(self.model.parameters()).grad.fill_(float("nan"))
@@ -250,9 +250,9 @@ def test_non_finite_gradient_is_named(make_cfg, monkeypatch):
 def test_skipping_stops_after_nan_skip_limit_steps_in_a_row(
     make_cfg, monkeypatch, bad_calls, limit, stops_at
 ):
-    from diffusion_lab.guards import NonFiniteError, NonFiniteGuard
-    from diffusion_lab.lit_module import DiffusionModule
     from diffusion_lab.train import train
+    from diffusion_lab.training.guards import NonFiniteError, NonFiniteGuard
+    from diffusion_lab.training.lit_module import DiffusionModule
 
     calls = []
 
@@ -326,7 +326,7 @@ def test_file_size_limit_on_checkpoints_and_on_the_cache(tmp_path):
 
 
 def test_second_run_in_a_run_directory_is_refused(tmp_path):
-    from diffusion_lab.run_lock import lock_run_dir, release_run_dir
+    from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir
 
     run = tmp_path / "run"
     (run / ".hydra").mkdir(parents=True)
@@ -460,9 +460,9 @@ def conditional_checkpoint(tmp_path_factory) -> Path:
 def _in_process_samples(ckpt: Path, guidance: float) -> np.ndarray:
     from functools import partial
 
-    from diffusion_lab.checkpoint import load_module
     from diffusion_lab.sample import generate
     from diffusion_lab.samplers import ddim_sample
+    from diffusion_lab.training.checkpoint import load_module
 
     module, _, _ = load_module(ckpt)
     sampler = partial(ddim_sample, steps=5, guidance_scale=guidance)

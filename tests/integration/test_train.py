@@ -11,8 +11,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from diffusion_lab.checkpoint import load_module
 from diffusion_lab.train import CONF_DIR, train
+from diffusion_lab.training.checkpoint import load_module
 
 OBJECTIVES = ["eps", "x0", "v", "vlb", "hybrid"]
 SCHEDULES = ["linear", "cosine", "sigmoid", "quadratic", "geometric"]
@@ -73,8 +73,8 @@ def _compose(tmp_path: Path, *overrides: str):
 
 
 def _tiny_diffusion(objective: str = "eps"):
-    from diffusion_lab.diffusion import GaussianDiffusion
-    from diffusion_lab.schedules import make_schedule
+    from diffusion_lab.processes.diffusion import GaussianDiffusion
+    from diffusion_lab.processes.schedules import make_schedule
 
     return GaussianDiffusion(make_schedule("linear", timesteps=50), parameterization=objective)
 
@@ -189,7 +189,7 @@ def test_logger_configs_build(tmp_path, option):
 def test_callback_configs_build(tmp_path, option):
     import lightning.pytorch as pl
 
-    from diffusion_lab.callbacks import EMA
+    from diffusion_lab.training.callbacks import EMA
 
     cfg = _compose(tmp_path, f"callbacks={option}")
     built = [instantiate(node) for node in (cfg.callbacks or {}).values()]
@@ -227,7 +227,7 @@ def test_experiment_presets_build_a_model_that_runs(tmp_path, option):
     instantiate(cfg.lr_scheduler)(opt)
     assert opt.param_groups[0]["lr"] > 0, "the learning rate at step 0 is not zero"
     if option == "hoda32_uncond":  # experiments/uncond_recipe: shifted sigmoid schedule, class-balanced draws
-        from diffusion_lab.schedules import make_schedule
+        from diffusion_lab.processes.schedules import make_schedule
 
         assert dm.balance_classes
         plain = make_schedule("sigmoid", 1000, start=-3.0, end=3.0, tau=1.0)
@@ -403,8 +403,8 @@ def test_enable_progress_bar_false_drops_the_step_bar(tmp_path, enabled):
     (Lightning refuses a ProgressBar callback when the bar is disabled); the default keeps the bar."""
     from lightning.pytorch.callbacks import ProgressBar
 
-    from diffusion_lab.progress_bar import StepProgressBar
     from diffusion_lab.train import _callbacks
+    from diffusion_lab.training.progress_bar import StepProgressBar
 
     cfg = _compose(tmp_path, "callbacks=default", f"trainer.enable_progress_bar={str(enabled).lower()}")
     bars = [cb for cb in _callbacks(cfg) if isinstance(cb, ProgressBar)]

@@ -12,12 +12,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from diffusion_lab import cpu
-from diffusion_lab.build import build_module, speed_up
-from diffusion_lab.cpu import configure_cpu
-from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.models import UNet
-from diffusion_lab.schedules import make_schedule
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
+from diffusion_lab.training.build import build_module, speed_up
+from diffusion_lab.utils import cpu
+from diffusion_lab.utils.cpu import configure_cpu
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_heads=1)

@@ -144,7 +144,7 @@ def test_full_disk_warns_once_and_keeps_the_data_in_memory(tmp_path, monkeypatch
     import errno
 
     from diffusion_lab.data import cache
-    from diffusion_lab.fileio import DiskFullError
+    from diffusion_lab.utils.fileio import DiskFullError
 
     def full(path, write_fn, measure=True):
         raise DiskFullError(errno.ENOSPC, f"no space left on device writing {path}")

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from diffusion_lab.diffusion import GaussianDiffusion
-from diffusion_lab.likelihood import discretized_gaussian_log_likelihood, normal_kl
-from diffusion_lab.parameterization import PARAMETERIZATIONS, EpsPrediction, Parameterization
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.likelihood import discretized_gaussian_log_likelihood, normal_kl
+from diffusion_lab.processes.parameterization import PARAMETERIZATIONS, EpsPrediction, Parameterization
+from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers.timesteps import make_grid
-from diffusion_lab.schedules import make_schedule
 
 
 def _diffusion(name="linear", T=100, **kw):

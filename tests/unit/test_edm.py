@@ -18,14 +18,14 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.diffusion import GaussianDiffusion
-from diffusion_lab.edm import EDMDiffusion
-from diffusion_lab.parameterization import EDMPreconditioning
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.edm import EDMDiffusion
+from diffusion_lab.processes.parameterization import EDMPreconditioning
+from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers import NFECounter, ddim_sample, ddpm_sample, dpm_solver_sample, sample
 from diffusion_lab.samplers.edm import churn_gamma, euler_sample, heun_sample, sigma_denoiser
 from diffusion_lab.samplers.timesteps import make_grid
 from diffusion_lab.samplers.timesteps import sigmas as discrete_sigmas
-from diffusion_lab.schedules import make_schedule
 
 MU, S = 0.3, 0.5
 SIGMAS = [0.002, 0.02, 0.2, 0.5, 2.0, 20.0, 80.0]

@@ -13,10 +13,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from diffusion_lab.cli import exit_on_bad_input
-from diffusion_lab.extras import MissingExtraError, check_hydra_plugins, require_extra
-from diffusion_lab.loggers import build_loggers
 from diffusion_lab.summarize import write_summary
+from diffusion_lab.training.loggers import build_loggers
+from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.extras import MissingExtraError, check_hydra_plugins, require_extra
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from diffusion_lab.fileio import DiskFullError, atomic_write, remove_stale_temp_files
+from diffusion_lab.utils.fileio import DiskFullError, atomic_write, remove_stale_temp_files
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
@@ -60,7 +60,7 @@ def _limited():  # in the child: a 64 KiB file-size limit; EFBIG instead of the 
 def test_file_size_limit_through_torch_save(tmp_path):
     """torch.save itself reports only 'unexpected pos'; the cause, path and exact size come out instead."""
     code = (
-        "import torch; from diffusion_lab.fileio import atomic_write\n"
+        "import torch; from diffusion_lab.utils.fileio import atomic_write\n"
         "obj = {'w': torch.zeros(100_000)}\n"
         f"try:\n    atomic_write({str(tmp_path / 'big.pt')!r}, lambda f: torch.save(obj, f))\n"
         "except Exception as e:\n    print(type(e).__name__, e)\n"

@@ -16,14 +16,14 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from diffusion_lab.callbacks import EMA, SampleGrid, SampleQuality, _ema_update
-from diffusion_lab.diffusion import GaussianDiffusion
-from diffusion_lab.lit_module import DiffusionModule
-from diffusion_lab.media import to_uint8, to_unit_range
 from diffusion_lab.models import MLP
-from diffusion_lab.optim import warmup_cosine, warmup_cosine_factor
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers import ddim_sample
-from diffusion_lab.schedules import make_schedule
+from diffusion_lab.training.callbacks import EMA, SampleGrid, SampleQuality, _ema_update
+from diffusion_lab.training.lit_module import DiffusionModule
+from diffusion_lab.training.optim import warmup_cosine, warmup_cosine_factor
+from diffusion_lab.utils.media import to_uint8, to_unit_range
 
 # ------------------------------------------------------------------------------------------------ EMA
 

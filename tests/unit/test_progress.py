@@ -10,18 +10,18 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from diffusion_lab import progress
-from diffusion_lab.diffusion import GaussianDiffusion
 from diffusion_lab.evaluate import exact_bpd
-from diffusion_lab.lit_module import DiffusionModule
 from diffusion_lab.metrics.fid import iter_batches
 from diffusion_lab.metrics.train_classifier import train_classifier
 from diffusion_lab.models import MLP
-from diffusion_lab.progress import track
-from diffusion_lab.progress_bar import TRAIN_DESCRIPTION, StepProgressBar
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import ddim_sample
-from diffusion_lab.schedules import make_schedule
+from diffusion_lab.training.lit_module import DiffusionModule
+from diffusion_lab.training.progress_bar import TRAIN_DESCRIPTION, StepProgressBar
+from diffusion_lab.utils import progress
+from diffusion_lab.utils.progress import track
 
 
 @pytest.fixture

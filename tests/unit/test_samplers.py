@@ -25,7 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers import (
     GRIDS,
     SAMPLERS,
@@ -39,7 +40,6 @@ from diffusion_lab.samplers import (
     make_grid,
     sample,
 )
-from diffusion_lab.schedules import make_schedule
 
 MU, S = 0.3, 0.5
 SHAPE = (4096, 1, 4, 4)  # B = 4096 examples of D = 16 dims: N = 65536 independent scalars

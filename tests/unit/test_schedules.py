@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from diffusion_lab.schedules import SCHEDULES, make_schedule
+from diffusion_lab.processes.schedules import SCHEDULES, make_schedule
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers.timesteps import GRIDS, half_log_snr, karras_sigmas, make_grid, sigmas
-from diffusion_lab.schedules import make_schedule
 
 _CACHE: dict[tuple, GaussianDiffusion] = {}
 

@@ -12,7 +12,7 @@ Notation (EDM, Table 1):
     P_mean/P_std  P_mean, P_std    ln(sigma) ~ N(P_mean, P_std^2) during training
     lambda        lambda(sigma)    the loss weight, 1 / c_out^2
 
-The preconditioning itself is :class:`~diffusion_lab.parameterization.EDMPreconditioning`. Training
+The preconditioning itself is :class:`~diffusion_lab.processes.parameterization.EDMPreconditioning`. Training
 (EDM Eq. 2 with Table 1's p_train and lambda):
 
     sigma ~ exp(N(P_mean, P_std^2)),  n ~ N(0, I),  loss = lambda(sigma) ||D(x_0 + sigma n; sigma) - x_0||^2
@@ -20,7 +20,8 @@ The preconditioning itself is :class:`~diffusion_lab.parameterization.EDMPrecond
 A discrete view, for the discrete samplers: every sigma is also a variance-preserving step with
 alpha_bar = 1 / (1 + sigma^2) and x_t = x / sqrt(1 + sigma^2) (EDM Sec. 2 and App. C.1: VP and VE are the
 same ODE up to this scaling). :class:`EDMDiffusion` is therefore also a
-:class:`~diffusion_lab.diffusion.GaussianDiffusion` over ``discrete_steps`` Karras sigmas (EDM Eq. 5), on
+:class:`~diffusion_lab.processes.diffusion.GaussianDiffusion`
+over ``discrete_steps`` Karras sigmas (EDM Eq. 5), on
 which DDIM, DPM-Solver++ and ancestral sampling with a fixed variance run unchanged. Euler and Heun
 (``diffusion_lab.samplers.edm``) evaluate D at any continuous sigma.
 """
@@ -32,10 +33,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from diffusion_lab.diffusion import GaussianDiffusion, ModelFn
-from diffusion_lab.likelihood import mean_flat
-from diffusion_lab.parameterization import EDMPreconditioning
-from diffusion_lab.schedules import Schedule, betas_from_alphas_cumprod
+from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.processes.likelihood import mean_flat
+from diffusion_lab.processes.parameterization import EDMPreconditioning
+from diffusion_lab.processes.schedules import Schedule, betas_from_alphas_cumprod
 
 __all__ = ["EDMDiffusion"]
 

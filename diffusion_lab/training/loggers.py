@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.extras import require_extra
+from diffusion_lab.utils.extras import require_extra
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,52 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ALLOWED_TARGET_PREFIXES", "check_targets", "check_arguments"]
+__all__ = ["ALLOWED_TARGET_PREFIXES", "LEGACY_MODULES", "upgrade_targets", "check_targets", "check_arguments"]
+
+# Modules that lived at the top of the package before it was split into processes / training / utils:
+# a checkpoint written then names ``diffusion_lab.schedules.make_schedule``; it now lives in
+# ``diffusion_lab.processes.schedules``. Only these exact module names are rewritten.
+LEGACY_MODULES = {
+    **{m: "processes" for m in ("schedules", "diffusion", "parameterization", "edm", "likelihood")},
+    **{
+        m: "training"
+        for m in (
+            "lit_module",
+            "callbacks",
+            "guards",
+            "checkpoint",
+            "checkpoint_io",
+            "run_lock",
+            "loggers",
+            "progress_bar",
+            "optim",
+            "build",
+        )
+    },
+    **{
+        m: "utils"
+        for m in ("cli", "config_utils", "cpu", "extras", "fileio", "media", "progress", "safe_config")
+    },
+}
+
+
+def _upgrade_target(target: Any) -> Any:
+    if not isinstance(target, str) or not target.startswith("diffusion_lab."):
+        return target
+    parts = target.split(".")
+    if len(parts) >= 3 and parts[1] in LEGACY_MODULES:
+        return ".".join(["diffusion_lab", LEGACY_MODULES[parts[1]], *parts[1:]])
+    return target
+
+
+def upgrade_targets(node: Any) -> Any:
+    """A plain config with every pre-split ``diffusion_lab.<module>.X`` target renamed, at any depth."""
+    if isinstance(node, dict):
+        return {k: (_upgrade_target(v) if k == "_target_" else upgrade_targets(v)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [upgrade_targets(v) for v in node]
+    return node
+
 
 ALLOWED_TARGET_PREFIXES = ("diffusion_lab.", "torch.optim.", "lightning.")
 

@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from diffusion_lab.cli import CommandError
+from diffusion_lab.utils.cli import CommandError
 
 log = logging.getLogger(__name__)
 

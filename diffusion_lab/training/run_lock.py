@@ -25,7 +25,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from diffusion_lab.cli import CommandError, exit_on_bad_input
+from diffusion_lab.utils.cli import CommandError, exit_on_bad_input
 
 try:
     import fcntl

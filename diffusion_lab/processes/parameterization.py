@@ -8,7 +8,8 @@ one new class in this file and nothing else changes:
     x0_error_scale(snr)            ||target error||^2 / ||x0 error||^2 at fixed x_t (for min-SNR weighting)
     supports_zero_terminal_snr     whether x0_hat stays defined at alpha_bar = 0
 
-where ``d`` is the :class:`~diffusion_lab.diffusion.GaussianDiffusion` that holds the schedule tables.
+where ``d`` is the :class:`~diffusion_lab.processes.diffusion.GaussianDiffusion` that
+holds the schedule tables.
 With a = sqrt(alpha_bar_t) and s = sqrt(1 - alpha_bar_t), so that x_t = a x_0 + s eps:
 
     eps:  x0 = (x_t - s eps) / a                              (Ho et al. 2020, Eq. 11 and 15)
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:  # pragma: no cover
-    from diffusion_lab.diffusion import GaussianDiffusion
+    from diffusion_lab.processes.diffusion import GaussianDiffusion
 
 __all__ = [
     "Parameterization",
@@ -150,7 +151,7 @@ class EDMPreconditioning(Parameterization):
 
     so lambda ||D - x_0||^2 = ||F - (x_0 - c_skip x) / c_out||^2 (EDM Eq. 8): the network regresses onto the
     effective target (x_0 - c_skip x) / c_out with unit weight. The network's own input (c_in x, c_noise) is
-    formed by :class:`~diffusion_lab.edm.EDMDiffusion`, which holds this class.
+    formed by :class:`~diffusion_lab.processes.edm.EDMDiffusion`, which holds this class.
 
     Args:
         sigma_data: the standard deviation of the data (0.5 in the paper for images in [-1, 1]).

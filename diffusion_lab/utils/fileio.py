@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from diffusion_lab.cli import CommandError
+from diffusion_lab.utils.cli import CommandError
 
 __all__ = ["atomic_write", "DiskFullError", "remove_stale_temp_files", "TEMP_SUFFIX"]
 

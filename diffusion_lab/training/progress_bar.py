@@ -7,8 +7,9 @@ run, ``Training step 1234/3000``, with elapsed time and ETA; its total is Lightn
 gradient accumulation) and its count ``trainer.global_step``, so a resumed run starts at the step it resumes
 from. Validation bars are Lightning's own.
 
-Like :func:`diffusion_lab.progress.track`, it draws only where
-:func:`~diffusion_lab.progress.progress_enabled` (a terminal on stderr, or ``DIFFUSION_LAB_PROGRESS=1``),
+Like :func:`diffusion_lab.utils.progress.track`, it draws only where
+:func:`~diffusion_lab.utils.progress.progress_enabled`
+(a terminal on stderr, or ``DIFFUSION_LAB_PROGRESS=1``),
 and it writes to stderr; in logs and CI it stays quiet. While it is shown, the ``track`` bars of loops
 run inside training (sample grids, FID) stay quiet.
 """
@@ -20,7 +21,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 
-from diffusion_lab import progress
+from diffusion_lab.utils import progress
 
 __all__ = ["StepProgressBar"]
 

@@ -1,4 +1,4 @@
-"""Build the :class:`~diffusion_lab.lit_module.DiffusionModule` of a run config: schedule, objective,
+"""Build the :class:`~diffusion_lab.training.lit_module.DiffusionModule` of a run config: schedule, objective,
 backbone, optimizer, learning-rate schedule and sampler, each instantiated from its config group."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffusion_lab.safe_config import check_arguments
+from diffusion_lab.utils.safe_config import check_arguments
 
 __all__ = ["build_module", "speed_up"]
 
@@ -41,8 +41,8 @@ def build_module(
     Returns:
         (module, number of backbone parameters).
     """
-    from diffusion_lab.lit_module import DiffusionModule
     from diffusion_lab.models import count_parameters
+    from diffusion_lab.training.lit_module import DiffusionModule
 
     schedule = _make(cfg, "schedule")
     # a partial, so that Hydra does not turn the Schedule dataclass into a config node

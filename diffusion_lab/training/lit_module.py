@@ -1,4 +1,5 @@
-"""The thin LightningModule: a backbone, a :class:`~diffusion_lab.diffusion.GaussianDiffusion`, an optimizer.
+"""The thin LightningModule: a backbone, a :class:`~diffusion_lab.processes.diffusion.GaussianDiffusion`,
+an optimizer.
 
 All diffusion math lives in ``diffusion.py``; sampling grids, animations and FID live in callbacks.
 """
@@ -13,7 +14,7 @@ import torch
 from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 
-from diffusion_lab.diffusion import GaussianDiffusion
+from diffusion_lab.processes.diffusion import GaussianDiffusion
 
 __all__ = ["DiffusionModule", "images_in_batch"]
 
@@ -116,7 +117,7 @@ class DiffusionModule(pl.LightningModule):
         labels = self._labels(y, False)
         terms = self.diffusion.training_losses(self.model, x0, t=t, eps=eps, y=labels)
         self.log("val/loss", terms["loss"].mean(), prog_bar=True, sync_dist=True)
-        if getattr(self.diffusion, "has_likelihood", True):  # EDM has no bits/dim (diffusion_lab/edm.py)
+        if getattr(self.diffusion, "has_likelihood", True):  # EDM has no bits/dim (processes/edm.py)
             bpd = self.diffusion.bpd_estimate(self.model, x0, y=labels, generator=g)
             self.log("val/bpd", bpd.mean(), sync_dist=True)
 

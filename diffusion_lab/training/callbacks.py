@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
-from diffusion_lab.media import save_animation, save_grid, to_uint8
+from diffusion_lab.utils.media import save_animation, save_grid, to_uint8
 
 log = logging.getLogger(__name__)
 

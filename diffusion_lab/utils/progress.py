@@ -1,6 +1,6 @@
 """Progress bars for long loops: a rich bar with ETA on a terminal, silence in logs and CI.
 
-    from diffusion_lab.progress import track
+    from diffusion_lab.utils.progress import track
     for i in track(range(steps), "sampling (ddim)"):
         ...
 

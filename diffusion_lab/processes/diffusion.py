@@ -28,9 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from diffusion_lab.likelihood import NATS_PER_BIT, discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from diffusion_lab.parameterization import PARAMETERIZATIONS, Parameterization, get_parameterization
-from diffusion_lab.schedules import Schedule, betas_from_alphas_cumprod
+from diffusion_lab.processes.likelihood import (
+    NATS_PER_BIT,
+    discretized_gaussian_log_likelihood,
+    mean_flat,
+    normal_kl,
+)
+from diffusion_lab.processes.parameterization import PARAMETERIZATIONS, Parameterization, get_parameterization
+from diffusion_lab.processes.schedules import Schedule, betas_from_alphas_cumprod
 
 __all__ = [
     "GaussianDiffusion",
@@ -60,12 +65,12 @@ class PMeanVariance:
 
 
 class GaussianDiffusion(nn.Module):
-    """A discrete-time Gaussian diffusion built on a :class:`~diffusion_lab.schedules.Schedule`.
+    """A discrete-time Gaussian diffusion built on a :class:`~diffusion_lab.processes.schedules.Schedule`.
 
     Args:
         schedule: the noise schedule (float64 betas).
         parameterization: what the network predicts: a name in ``PARAMETERIZATIONS`` (``eps``, ``x0``, ``v``)
-            or a :class:`~diffusion_lab.parameterization.Parameterization` instance.
+            or a :class:`~diffusion_lab.processes.parameterization.Parameterization` instance.
         variance: reverse-process variance, one of
             ``fixed_small`` (beta_tilde_t),
             ``fixed_large`` (beta_t, with beta_tilde_2 at the first step, as DDPM's sigma^2 = beta),
@@ -95,9 +100,7 @@ class GaussianDiffusion(nn.Module):
     ):
         super().__init__()
         if not isinstance(schedule, Schedule):
-            raise TypeError(
-                f"schedule must be a diffusion_lab.schedules.Schedule, got {type(schedule).__name__}"
-            )
+            raise TypeError(f"schedule must be a processes.schedules.Schedule, got {type(schedule).__name__}")
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance '{variance}'; valid: {', '.join(VARIANCES)}")
         if loss not in LOSSES:

@@ -151,15 +151,17 @@ def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
     """Rebuild the :class:`DiffusionModule` of a checkpoint, with its EMA weights (or the raw ones).
 
     The checkpoint's run config is checked first: every ``_target_`` that would be instantiated must lie in
-    this project's allowed namespaces (:mod:`diffusion_lab.safe_config`).
+    this project's allowed namespaces (:mod:`diffusion_lab.utils.safe_config`).
     """
-    from diffusion_lab.build import build_module
-    from diffusion_lab.safe_config import check_targets
+    from diffusion_lab.training.build import build_module
+    from diffusion_lab.utils.safe_config import check_targets, upgrade_targets
 
     ckpt = read_checkpoint(path, map_location)
     hp = ckpt["hyper_parameters"]
     try:
-        cfg = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(hp["config"]), resolve=True))
+        cfg = OmegaConf.create(
+            upgrade_targets(OmegaConf.to_container(OmegaConf.create(hp["config"]), resolve=True))
+        )
     except Exception as e:
         raise ValueError(f"checkpoint {path}: its run config does not resolve ({e})") from None
     for key in INSTANTIATED_KEYS:

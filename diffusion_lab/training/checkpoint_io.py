@@ -8,14 +8,14 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from diffusion_lab.checkpoint import safe_torch_load
-from diffusion_lab.fileio import atomic_write
+from diffusion_lab.training.checkpoint import safe_torch_load
+from diffusion_lab.utils.fileio import atomic_write
 
 __all__ = ["AtomicCheckpointIO", "atomic_torch_save"]
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save through :func:`~diffusion_lab.fileio.atomic_write` (temporary file, fsync, os.replace)."""
+    """torch.save through :func:`~diffusion_lab.utils.fileio.atomic_write` (temp file, fsync, replace)."""
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
