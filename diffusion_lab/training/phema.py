@@ -215,15 +215,38 @@ class PostHocEMA(pl.Callback):
             ]
         else:
             self.profiles = [{k: p.detach().clone() for k, p in params.items()} for _ in self.sigma_rels]
-        self._remove_future(trainer)
+        self._continue_history(trainer)
 
     @rank_zero_only
-    def _remove_future(self, trainer: pl.Trainer) -> None:
-        step = trainer.global_step
-        for s, path in list_snapshots(self.folder(trainer)):
-            if s > step:  # written after the checkpoint this run resumed from: not part of this history
+    def _continue_history(self, trainer: pl.Trainer) -> None:
+        """Make this run's snapshot folder hold the history up to the resumed step, no more: snapshots newer
+        than it are dropped (written after the last checkpoint by the run that stopped), and when the run
+        resumed from another run's checkpoint, that run's snapshots up to the step are linked (or copied) in.
+        """
+        import shutil
+
+        step, folder = trainer.global_step, self.folder(trainer)
+        for s, path in list_snapshots(folder):
+            if s > step:
                 path.unlink(missing_ok=True)
                 log.info("phema: removed %s (newer than the resumed step %d)", path.name, step)
+        ckpt_path = getattr(trainer, "ckpt_path", None)
+        if not ckpt_path or "://" in str(ckpt_path):
+            return
+        previous = Path(ckpt_path).resolve().parents[1] / self.dirname
+        if not previous.is_dir() or previous == folder.resolve():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        linked = 0
+        for s, path in list_snapshots(previous):
+            target = folder / path.name
+            if s <= step and not target.exists():
+                try:
+                    target.hardlink_to(path)
+                except OSError:  # another file system, or links not allowed
+                    shutil.copy2(path, target)
+                linked += 1
+        log.info("phema: %d snapshots up to step %d taken over from %s", linked, step, previous)
 
     def state_dict(self) -> dict[str, Any]:
         if self.profiles is None:
