@@ -91,7 +91,7 @@ def test_snapshots_survive_kill_and_resume(tmp_path, run_command):
     assert r.returncode == 1 and r.stderr.startswith("error: sigma_rel=0.5") and "Traceback" not in r.stderr
 
 
-def test_snapshot_count_stays_within_bound(make_cfg, tmp_path):
+def test_snapshot_count_stays_within_bound_and_sweep_runs(make_cfg, tmp_path, digits_classifier):
     """max_snapshots=3, a snapshot every step for 16 steps: the period doubles, at most 3 + 1 files stay."""
     from diffusion_lab.train import train
 
@@ -100,3 +100,15 @@ def test_snapshot_count_stays_within_bound(make_cfg, tmp_path):
     # period 1 -> 2 at step 4 (4 files), -> 4 at step 8 (2, 4, 6, 8), -> 8 at step 16 (4, 8, 12, 16)
     steps = [s for s, _ in list_snapshots(tmp_path / "run" / "phema")]
     assert steps == [8, 16]
+
+    # the EMA-length sweep at toy size: one FID per sigma_rel, the classic EMA as reference, a best stated
+    from experiments.phema_sweep import main as sweep
+
+    args = ["--run-dir", str(tmp_path / "run"), "--classifier", str(digits_classifier), "--n", "16"]
+    args += ["--sigma-rels", "0.05", "0.15", "--steps", "4", "--bpd-n", "8", "--out", str(tmp_path / "sweep")]
+    result = sweep(args)
+    assert [r["sigma_rel"] for r in result["rows"]] == [0.05, 0.15]
+    fids = [r["fid_classifier"] for r in result["rows"]]
+    assert result["meta"]["best_sigma_rel"] == [0.05, 0.15][fids.index(min(fids))]
+    assert fids[0] != fids[1] and "bpd" in result["rows"][0]
+    assert (tmp_path / "sweep" / "sweep.png").is_file() and (tmp_path / "sweep" / "table.md").is_file()
