@@ -22,7 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
-from diffusion_lab.sample import check_count, check_sampler, generate, require_checkpoint, resolve_device
+from diffusion_lab.sample import (
+    check_count,
+    check_sampler,
+    generate,
+    load_guide,
+    require_checkpoint,
+    resolve_device,
+)
 from diffusion_lab.training.checkpoint import load_module
 from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.media import to_unit_range
@@ -77,8 +84,10 @@ def evaluate(cfg: DictConfig) -> dict:
         check_count(cfg, "bpd_batch_size")
     device = resolve_device(cfg.device)
     module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
+    guide = None
     if names:
         check_sampler(cfg, module)
+        guide = load_guide(cfg, module, run_cfg)
     with open_dict(run_cfg):
         if cfg.data_root:
             run_cfg.dataset.root = cfg.data_root
@@ -94,11 +103,17 @@ def evaluate(cfg: DictConfig) -> dict:
         sampler = instantiate(cfg.sampler)
         sname = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
         start = time.perf_counter()
-        fake, _, nfe = generate(module, sampler, cfg.n, cfg.seed, cfg.batch_size, device)
+        weight = float(cfg.get("guide_weight", 1.0)) if guide is not None else 1.0
+        fake, _, nfe = generate(
+            module, sampler, cfg.n, cfg.seed, cfg.batch_size, device, guide=guide, guide_weight=weight
+        )
         results.update(
             sampler=sname,
             sampler_steps=cfg.sampler.get("steps"),
             guidance_scale=float(cfg.sampler.get("guidance_scale", 1.0)),
+            guidance=cfg.get("guidance") if guide is not None else None,
+            guide_ckpt=str(cfg.guide_ckpt) if guide is not None else None,
+            guide_weight=weight,
             nfe=nfe,
             n=int(cfg.n),
             sampling_seconds=round(time.perf_counter() - start, 2),

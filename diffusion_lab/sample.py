@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffusion_lab.samplers import resolve_steps
 from diffusion_lab.samplers import sample as run_sampler
+from diffusion_lab.samplers.guidance import AutoGuidance, check_guide
 from diffusion_lab.training.checkpoint import load_module
 from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.media import save_animation, save_grid, to_uint8
@@ -31,7 +32,15 @@ from diffusion_lab.utils.progress import track
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
-__all__ = ["generate", "resolve_device", "require_checkpoint", "check_count", "check_sampler", "main"]
+__all__ = [
+    "generate",
+    "resolve_device",
+    "require_checkpoint",
+    "check_count",
+    "check_sampler",
+    "load_guide",
+    "main",
+]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,14 +66,21 @@ def generate(
     device: torch.device | str = "cpu",
     label: int | None = None,
     frames: list | None = None,
+    guide=None,
+    guide_weight: float = 1.0,
 ):
     """Draw ``n`` samples in batches (batch i uses seed + i): (uint8 (n, C, H, W), labels (n,), nfe).
 
     ``sampler`` carries every sampling option, classifier-free guidance (``guidance_scale``) included: the
-    ``sampler`` config is the one place they are set.
+    ``sampler`` config is the one place they are set. ``guide`` (a module, see :func:`load_guide`) adds
+    autoguidance with weight ``guide_weight`` (:class:`~diffusion_lab.samplers.guidance.AutoGuidance`; each
+    network evaluation then runs both networks and counts once).
     """
     device = torch.device(device)
     module = module.to(device).eval()
+    model_fn = module.model
+    if guide is not None:
+        model_fn = AutoGuidance(module.model, guide.to(device).eval().model, guide_weight)
     outs, labels, nfe = [], [], 0
     conditional = bool(module.hparams.class_conditional)
     batches = range(math.ceil(n / batch_size))  # one batch: the sampler's own step bar shows instead
@@ -86,7 +102,7 @@ def generate(
                 frames.append(to_uint8(x_t[:16].cpu(), value_range=(-1, 1)))
 
         x, k = run_sampler(
-            module.model,
+            model_fn,
             module.diffusion,
             (b, *module.image_shape),
             sampler=sampler,
@@ -158,6 +174,39 @@ def check_sampler(cfg: DictConfig, module) -> None:
             raise ValueError(f"label={label!r} is not valid: give a class in [0, {k - 1}] or null")
 
 
+def load_guide(cfg: DictConfig, module, run_cfg: DictConfig):
+    """The guiding module of ``guidance=auto guide_ckpt=PATH`` (None without guidance), checked against the
+    model (same data, image shape, classes, diffusion and parameterization); one-line ValueErrors."""
+    mode = cfg.get("guidance")
+    if mode in (None, "none", False):
+        if cfg.get("guide_ckpt"):
+            raise ValueError(f"guide_ckpt={cfg.guide_ckpt} is set but guidance is not: add guidance=auto")
+        return None
+    if mode != "auto":
+        raise ValueError(
+            f"guidance={mode!r} is not valid: use guidance=auto (autoguidance) or null; classifier-free "
+            "guidance is sampler.guidance_scale"
+        )
+    if not cfg.get("guide_ckpt"):
+        raise ValueError(
+            "guidance=auto needs the guiding model: add guide_ckpt=PATH (a smaller or less-trained run)"
+        )
+    weight = cfg.get("guide_weight")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+        raise ValueError(f"guide_weight={weight!r} is not valid: give a number, e.g. 2.0 (1 = no guidance)")
+    guide, guide_cfg, _ = load_module(cfg.guide_ckpt, ema=cfg.get("guide_ema", True))
+    check_guide(
+        OmegaConf.to_container(run_cfg, resolve=True),
+        tuple(module.image_shape),
+        int(module.hparams.num_classes),
+        OmegaConf.to_container(guide_cfg, resolve=True),
+        tuple(guide.image_shape),
+        int(guide.hparams.num_classes),
+        guide_path=str(cfg.guide_ckpt),
+    )
+    return guide
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     with exit_on_bad_input():
@@ -169,6 +218,7 @@ def _sample(cfg: DictConfig) -> None:
     n, batch_size = check_count(cfg, "n"), check_count(cfg, "batch_size")
     module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
     check_sampler(cfg, module)
+    guide = load_guide(cfg, module, run_cfg)
     sampler = instantiate(cfg.sampler)
     name = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps
@@ -180,7 +230,16 @@ def _sample(cfg: DictConfig) -> None:
     frames: list | None = [] if cfg.animation else None
     start = time.perf_counter()
     images, labels, nfe = generate(
-        module, sampler, n, cfg.seed, batch_size, resolve_device(cfg.device), cfg.label, frames
+        module,
+        sampler,
+        n,
+        cfg.seed,
+        batch_size,
+        resolve_device(cfg.device),
+        cfg.label,
+        frames,
+        guide=guide,
+        guide_weight=cfg.get("guide_weight", 1.0),
     )
     out.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start

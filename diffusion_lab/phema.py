@@ -1,0 +1,118 @@
+"""Reconstruct the EMA of any length from a run's post-hoc EMA snapshots (Karras et al. 2024, EDM2 App. C.2):
+
+    python -m diffusion_lab.phema run_dir=outputs/train/runs/<run> sigma_rel=0.08 [step=N] [out=PATH]
+
+The run must have trained with ``callbacks=phema``. The result is the run's checkpoint (``ckpt=``,
+default ``<run_dir>/checkpoints/last.ckpt``) with the reconstructed weights as its EMA weights
+(``state_dict``; the raw weights stay in ``current_model_state``), without the optimizer and callback
+state: ``sample`` and ``evaluate`` read it like any ``last.ckpt`` (with ``ema=true``); it does not resume
+training.
+Default ``out``: ``<run_dir>/checkpoints/phema-<sigma_rel>-step<step>.ckpt``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from diffusion_lab.training.checkpoint import read_checkpoint
+from diffusion_lab.training.checkpoint_io import atomic_torch_save
+from diffusion_lab.training.phema import list_snapshots, reconstruct_state
+from diffusion_lab.utils.cli import HELP_FLAGS, exit_on_bad_input
+
+__all__ = ["reconstruct_checkpoint", "main"]
+
+USAGE = __doc__
+KEYS = ("run_dir", "sigma_rel", "step", "out", "ckpt", "dirname")
+DROPPED = ("optimizer_states", "lr_schedulers", "callbacks", "loops")  # training state only
+
+
+def reconstruct_checkpoint(
+    run_dir: str | Path,
+    sigma_rel: float,
+    step: int | None = None,
+    out: str | Path | None = None,
+    ckpt: str | Path | None = None,
+    dirname: str = "phema",
+) -> Path:
+    """Write the checkpoint with the post-hoc EMA of ``sigma_rel`` at ``step`` (default: the last
+    snapshot); return its path."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run_dir={run_dir} is not a directory: give a training run's folder")
+    snapshots = list_snapshots(run_dir / dirname)
+    if not snapshots:
+        raise FileNotFoundError(
+            f"no post-hoc EMA snapshots in {run_dir / dirname}: train with callbacks=phema to record them"
+        )
+    state, info = reconstruct_state(snapshots, sigma_rel, step)
+    base_path = Path(ckpt) if ckpt else run_dir / "checkpoints" / "last.ckpt"
+    base = read_checkpoint(base_path)
+    ema_state = dict(base["state_dict"])
+    missing = sorted(set(state) - set(ema_state))
+    if missing:
+        raise ValueError(
+            f"the snapshots hold weights {missing[:3]} that checkpoint {base_path} lacks: "
+            "give the same run's checkpoint with ckpt=PATH"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(ema_state[k].shape):
+            raise ValueError(
+                f"snapshot weight {k} {tuple(v.shape)} vs checkpoint {tuple(ema_state[k].shape)}"
+            )
+        ema_state[k] = v.to(ema_state[k].dtype)
+    result = {k: v for k, v in base.items() if k not in DROPPED}
+    result.setdefault("current_model_state", base["state_dict"])  # the raw weights (ema=false)
+    result["state_dict"] = ema_state
+    result["global_step"] = info["step"]
+    result["phema"] = {
+        "sigma_rel": info["sigma_rel"],
+        "gamma": info["gamma"],
+        "step": info["step"],
+        "snapshots": [Path(p).name for p in info["snapshots"]],
+        "coefficients": info["coefficients"],
+        "base_checkpoint": str(base_path),
+    }
+    out = (
+        Path(out)
+        if out
+        else run_dir / "checkpoints" / f"phema-{float(sigma_rel):.3f}-step{info['step']:07d}.ckpt"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_torch_save(result, out)
+    return out
+
+
+def _parse(argv: list[str]) -> dict:
+    opts: dict = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in KEYS:
+            raise ValueError(f"unknown argument {arg!r}: give key=value with key in {', '.join(KEYS)}")
+        opts[key] = value
+    if "run_dir" not in opts or "sigma_rel" not in opts:
+        raise ValueError(
+            "give run_dir=PATH and sigma_rel=S, e.g. run_dir=outputs/train/runs/<run> sigma_rel=0.08"
+        )
+    for key, cast in (("sigma_rel", float), ("step", int)):
+        if key in opts:
+            try:
+                opts[key] = cast(opts[key])
+            except ValueError:
+                raise ValueError(f"{key}={opts[key]!r} is not a {cast.__name__}") from None
+    return opts
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in HELP_FLAGS for a in argv):
+        print(USAGE.strip())
+        return
+    with exit_on_bad_input():
+        opts = _parse(argv)
+        out = reconstruct_checkpoint(**opts)
+    print(f"post-hoc EMA sigma_rel={opts['sigma_rel']} -> {out}")
+
+
+if __name__ == "__main__":
+    main()
