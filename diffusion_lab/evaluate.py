@@ -1,17 +1,20 @@
 """Evaluate a checkpoint, or train the digit classifier behind the classifier-feature metrics.
 
-    python -m diffusion_lab.evaluate ckpt=PATH metrics=[fid_classifier,kid,bpd] n=10000 \
-        sampler=dpm_solver sampler.steps=20
+    python -m diffusion_lab.evaluate ckpt=PATH metrics=[fid_classifier,kid,bpd] n=10000
     python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=/path/to/hoda
 
-The first prints a table and writes JSON beside the checkpoint; the second trains the CNN whose features
-and logits give ``fid_classifier``, ``kid_classifier``, ``is_classifier`` and the class histogram.
+The first samples with the checkpoint's own sampler config (``sampler=NAME`` chooses another,
+``sampler.steps=50`` changes one key of it: :mod:`diffusion_lab.utils.checkpoint_sampler`), compares with the
+checkpoint's dataset (read where it was trained unless ``data_root=`` says where it lives now), prints a
+table and writes JSON beside the checkpoint; the second trains the CNN whose features and logits give
+``fid_classifier``, ``kid_classifier``, ``is_classifier`` and the class histogram.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,8 +32,10 @@ from diffusion_lab.sample import (
     load_guide,
     require_checkpoint,
     resolve_device,
+    use_checkpoint_sampler,
 )
 from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.checkpoint_sampler import sampler_args, sampler_name
 from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.media import to_unit_range
 from diffusion_lab.utils.progress import track
@@ -38,7 +43,7 @@ from diffusion_lab.utils.progress import track
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ALIASES = {"kid": "kid_classifier", "is": "is_classifier", "fid": None}
 
-__all__ = ["evaluate", "exact_bpd", "main"]
+__all__ = ["evaluate", "exact_bpd", "check_data_root", "main"]
 
 
 def _metric_names(requested) -> tuple[list[str], bool]:
@@ -73,6 +78,38 @@ def exact_bpd(module, images: torch.Tensor, labels: torch.Tensor, batch_size: in
     return values.mean().item(), se
 
 
+def check_data_root(dataset: DictConfig, data_root: str | None) -> None:
+    """Refuse, before anything is sampled, a dataset folder that is not on this machine.
+
+    A checkpoint stores the ``dataset.root`` of the machine that trained it. Where that path does not exist
+    here, reading (or downloading into) it, or falling back to another copy, would compare against data
+    other than the user's; the one-line error names the stored path and the ``data_root=`` fix, and the
+    shared-data copy (``$DIFFUSION_LAB_SHARED_DATA/<folder>``) where one exists.
+    """
+    name = dataset.get("name")
+    if data_root:
+        if not Path(data_root).expanduser().exists():
+            raise FileNotFoundError(
+                f"data_root={data_root} does not exist: give the folder with the {name!r} dataset's files"
+            )
+        return
+    root = dataset.get("root")
+    if root is None or Path(str(root)).expanduser().exists():  # None: a bundled dataset (digits)
+        return
+    hint = ""
+    shared = os.environ.get("DIFFUSION_LAB_SHARED_DATA")
+    if shared:
+        for folder in dict.fromkeys((Path(str(root)).name, str(name))):
+            candidate = Path(shared) / folder
+            if candidate.is_dir() and any(candidate.iterdir()):
+                hint = f" (the shared data holds it: data_root={candidate})"
+                break
+    raise FileNotFoundError(
+        f"the checkpoint's dataset {name!r} lived at {root} (its stored dataset.root), which does not exist "
+        f"here: give where it lives now with data_root=PATH{hint}"
+    )
+
+
 def evaluate(cfg: DictConfig) -> dict:
     ckpt_path = require_checkpoint(cfg)
     names, want_bpd = _metric_names(cfg.metric_names)
@@ -84,8 +121,10 @@ def evaluate(cfg: DictConfig) -> dict:
         check_count(cfg, "bpd_batch_size")
     device = resolve_device(cfg.device)
     module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
-    guide = None
+    check_data_root(run_cfg.dataset, cfg.data_root)
+    guide, choice = None, None
     if names:
+        choice = use_checkpoint_sampler(cfg, run_cfg, ckpt_path)
         check_sampler(cfg, module)
         guide = load_guide(cfg, module, run_cfg)
     with open_dict(run_cfg):
@@ -101,7 +140,7 @@ def evaluate(cfg: DictConfig) -> dict:
     }
     if names:
         sampler = instantiate(cfg.sampler)
-        sname = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
+        sname = sampler_name(cfg.sampler)
         start = time.perf_counter()
         weight = float(cfg.get("guide_weight", 1.0)) if guide is not None else 1.0
         fake, _, nfe = generate(
@@ -109,6 +148,8 @@ def evaluate(cfg: DictConfig) -> dict:
         )
         results.update(
             sampler=sname,
+            sampler_source=choice.source,
+            sampler_config=OmegaConf.to_container(choice.config, resolve=True),
             sampler_steps=cfg.sampler.get("steps"),
             guidance_scale=float(cfg.sampler.get("guidance_scale", 1.0)),
             guidance=cfg.get("guidance") if guide is not None else None,
@@ -158,7 +199,7 @@ def _print_table(results: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in results.items():
-        if k in ("checkpoint", "dataset", "global_step"):
+        if k in ("checkpoint", "dataset", "global_step", "sampler_config"):
             continue
         label = DISPLAY_NAMES.get(k, "bits/dim (exact bound)" if k == "bpd" else k)
         table.add_row(label, f"{v:.4f}" if isinstance(v, float) else str(v))
@@ -188,6 +229,8 @@ def main() -> None:
         return
     # `metrics=[...]` sets metric_names: conf/metrics is a config group, so Hydra would read it as a choice.
     sys.argv = [("metric_names=" + a.split("=", 1)[1]) if a.startswith("metrics=") else a for a in sys.argv]
+    # `sampler.steps=50` without `sampler=NAME` changes the checkpoint's sampler: Hydra needs `++` for it.
+    sys.argv = sampler_args(sys.argv)
     _evaluate_main()
 
 

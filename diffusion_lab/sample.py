@@ -1,7 +1,11 @@
 """Draw samples from a checkpoint:
 
-    python -m diffusion_lab.sample ckpt=outputs/train/runs/.../checkpoints/last.ckpt n=64 \
-        sampler=ddim sampler.steps=50 seed=0 out=samples/ddim50
+    python -m diffusion_lab.sample ckpt=outputs/train/runs/.../checkpoints/last.ckpt n=64 seed=0
+    python -m diffusion_lab.sample ckpt=... sampler.steps=50          # the checkpoint's sampler, 50 steps
+    python -m diffusion_lab.sample ckpt=... sampler=ddim sampler.steps=50 out=samples/ddim50
+
+draws with the checkpoint's own sampler config (its run's ``sampler``) unless ``sampler=NAME`` chooses one
+(:mod:`diffusion_lab.utils.checkpoint_sampler`); the first line says which. It
 
 writes ``grid.png``, ``samples.npz`` (uint8 (N, C, H, W) ``samples`` and int64 ``labels``) and, with
 ``animation=true``, ``animation.gif`` of the reverse process.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,12 +24,13 @@ import hydra
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.samplers import resolve_steps
 from diffusion_lab.samplers import sample as run_sampler
 from diffusion_lab.samplers.guidance import AutoGuidance, check_guide
 from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.checkpoint_sampler import SamplerChoice, choose_sampler, sampler_args, sampler_name
 from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.media import save_animation, save_grid, to_uint8
 from diffusion_lab.utils.progress import track
@@ -39,6 +45,7 @@ __all__ = [
     "check_count",
     "check_sampler",
     "load_guide",
+    "use_checkpoint_sampler",
     "main",
 ]
 
@@ -207,20 +214,44 @@ def load_guide(cfg: DictConfig, module, run_cfg: DictConfig):
     return guide
 
 
+def use_checkpoint_sampler(cfg: DictConfig, run_cfg: DictConfig, ckpt_path: str) -> SamplerChoice:
+    """Put the sampler to draw with into ``cfg.sampler`` (the checkpoint's, a ``sampler=`` choice, or the
+    checkpoint's with some keys overridden; ``cfg.sampler_fallback`` for checkpoints that store none) and
+    print which one it is."""
+    choice = choose_sampler(
+        cfg.get("sampler"),
+        run_cfg.get("sampler"),
+        str(cfg.get("sampler_fallback") or "ddpm"),
+        source=f"checkpoint {ckpt_path}",
+    )
+    with open_dict(cfg):
+        cfg.sampler = choice.config
+    print(choice.line, flush=True)
+    return choice
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
-def main(cfg: DictConfig) -> None:
+def _sample_main(cfg: DictConfig) -> None:
     with exit_on_bad_input():
         _sample(cfg)
+
+
+def main() -> None:
+    # `sampler.steps=50` without `sampler=NAME` changes the checkpoint's sampler: Hydra needs `++` for it.
+    sys.argv = sampler_args(sys.argv)
+    _sample_main()
 
 
 def _sample(cfg: DictConfig) -> None:
     ckpt_path = require_checkpoint(cfg)
     n, batch_size = check_count(cfg, "n"), check_count(cfg, "batch_size")
+    device = resolve_device(cfg.device)
     module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
+    use_checkpoint_sampler(cfg, run_cfg, ckpt_path)
     check_sampler(cfg, module)
     guide = load_guide(cfg, module, run_cfg)
     sampler = instantiate(cfg.sampler)
-    name = cfg.sampler._target_.rsplit(".", 1)[-1].removesuffix("_sample")
+    name = sampler_name(cfg.sampler)
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps
     out = (
         Path(cfg.out)
@@ -235,7 +266,7 @@ def _sample(cfg: DictConfig) -> None:
         n,
         cfg.seed,
         batch_size,
-        resolve_device(cfg.device),
+        device,
         cfg.label,
         frames,
         guide=guide,

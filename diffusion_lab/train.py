@@ -20,6 +20,7 @@ from diffusion_lab.training.build import build_module
 from diffusion_lab.training.callbacks import EMA, FinalLastCheckpoint, SampleQuality
 from diffusion_lab.training.checkpoint import check_compatible, find_last_checkpoint, read_checkpoint
 from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO
+from diffusion_lab.training.device_check import check_trainer_device
 from diffusion_lab.training.guards import NonFiniteGuard
 from diffusion_lab.training.loggers import build_loggers, close_loggers
 from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
@@ -54,6 +55,14 @@ def _sweep_info(cfg: DictConfig) -> tuple[str | None, list[str]]:
         swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
     tags = [o for o in hc.overrides.task if o.split("=", 1)[0] in swept]
     return Path(hc.sweep.dir).name, tags
+
+
+def _trainer_choice() -> str | None:
+    """The ``trainer=`` option of a Hydra run (``gpu``), or None outside one."""
+    try:
+        return HydraConfig.get().runtime.choices.get("trainer")
+    except ValueError:
+        return None
 
 
 def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
@@ -130,6 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     The run directory is locked for the run (:mod:`diffusion_lab.training.run_lock`):
     a second run there is refused.
     """
+    check_trainer_device(cfg.trainer, _trainer_choice())  # before anything is written
     out_dir = Path(cfg.paths.output_dir)
     took_lock = lock_run_dir(out_dir)
     try:

@@ -427,7 +427,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tiny_checkpoint, tmp_path):
     with pytest.raises(
         ValueError, match=r"sampler\.steps=5000 is not valid: steps must be an int in \[1, 50\]"
     ):
-        _sample([ck, "sampler.steps=5000", f"out={tmp_path / 'b'}"])
+        _sample([ck, "++sampler.steps=5000", f"out={tmp_path / 'b'}"])
     _error_line(results["n=-5"], "n=-5 is not valid: give a whole number >= 1")
     _error_line(results["max_steps=abc"], "trainer.max_steps='abc' is not valid: expected int")
     line = _error_line(results["md5"], "dataset 'mnist': download of 't10k-")
