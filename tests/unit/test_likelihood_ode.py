@@ -387,3 +387,89 @@ def test_model_bpd_ode_integrates_the_objective_path_to_its_prior():
     expected = -data.marginal(LinearPath(), 0.0).log_prob(x) / (4 * math.log(2)) + bpd_offset()
     torch.testing.assert_close(bpd, expected, rtol=0, atol=1e-5)
     assert nfe == objective.calls
+
+
+# ------------------------------------------------------------- wiring: validation and the evaluate loop
+
+
+class FakeTrainableFlow(FakeFlowObjective):
+    """Enough of an objective for DiffusionModule.validation_step, without the discrete bound."""
+
+    has_likelihood = False
+
+    def sample_timesteps(self, batch, device=None, generator=None):
+        return torch.rand(batch, device=device, generator=generator)
+
+    def training_losses(self, model_fn, x0, t=None, eps=None, y=None):
+        return {"loss": torch.zeros(x0.shape[0])}
+
+
+def _diagonal_data(D: int = 4) -> GaussianData:
+    data = GaussianData(D=D)  # diagonal: one Rademacher probe gives the exact divergence
+    data.Q, data.lam = torch.eye(D, dtype=F64), torch.linspace(0.2, 0.5, D, dtype=F64)
+    return data
+
+
+def _lit_module(objective, images: int = 8):
+    from functools import partial
+
+    from diffusion_lab.training.lit_module import DiffusionModule
+
+    model = torch.nn.Linear(1, 1)
+    module = DiffusionModule(
+        model, objective, partial(torch.optim.SGD, lr=0.1), image_shape=(1, 2, 2), val_bpd_ode_images=images
+    )
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    return module, logged
+
+
+def test_validation_logs_bpd_ode_for_an_objective_with_a_velocity_and_no_bound():
+    data = _diagonal_data()
+    module, logged = _lit_module(FakeTrainableFlow(LinearPath(), data), images=6)
+    pixels = torch.randint(0, 256, (10, 1, 2, 2), generator=torch.Generator().manual_seed(3))
+    x0 = pixels.float() / 127.5 - 1
+    with torch.inference_mode():  # as Lightning runs validation
+        module.validation_step((x0, torch.zeros(10, dtype=torch.long)), batch_idx=0)
+    assert "val/bpd" not in logged
+    x = dequantize(pixels[:6], generator=torch.Generator().manual_seed(20_000)).to(F64).flatten(1)
+    expected = (-data.marginal(LinearPath(), 0.0).log_prob(x) / (4 * math.log(2)) + bpd_offset()).mean()
+    assert logged["val/bpd_ode"] == pytest.approx(expected.item(), abs=0.02)  # Heun, 8 fixed steps
+    logged.clear()
+    module.validation_step((x0, torch.zeros(10, dtype=torch.long)), batch_idx=1)
+    assert "val/bpd_ode" not in logged  # the first batch only: a cheap check
+
+
+def test_validation_skips_bpd_ode_without_a_velocity_or_when_off():
+    class NoFlow(FakeTrainableFlow):
+        velocity = None
+
+    for objective, images in (
+        (NoFlow(LinearPath(), _diagonal_data()), 8),
+        (FakeTrainableFlow(LinearPath(), _diagonal_data()), 0),
+    ):
+        module, logged = _lit_module(objective, images)
+        module.validation_step((torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)), batch_idx=0)
+        assert "val/loss" in logged and "val/bpd_ode" not in logged
+
+
+def test_ode_bpd_over_images_reports_mean_stderr_and_nfe_with_a_bar(monkeypatch, capfd):
+    from diffusion_lab.metrics.bpd_ode import ode_bpd_over_images
+
+    monkeypatch.setenv("DIFFUSION_LAB_PROGRESS", "1")
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    objective = FakeFlowObjective(LinearPath(), _diagonal_data())
+    images = torch.randint(0, 256, (10, 1, 2, 2), generator=torch.Generator().manual_seed(4)).to(torch.uint8)
+    out = ode_bpd_over_images(objective, None, images, None, batch_size=4, options={"steps": 16})
+    assert out["bpd_ode_images"] == 10 and out["bpd_ode_nfe"] == 32  # steps alone: Heun, 2 per step
+    assert out["bpd_ode_stderr"] > 0 and out["bpd_ode_seconds_per_image"] > 0
+    x = dequantize(images, generator=torch.Generator().manual_seed(0)).to(F64).flatten(1)
+    per_image = -data_log_prob(objective, x) / (4 * math.log(2)) + bpd_offset()
+    assert out["bpd_ode"] == pytest.approx(per_image.mean().item(), abs=0.02)
+    assert "bits/dim (probability-flow ODE)" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="unknown option"):
+        ode_bpd_over_images(objective, None, images, None, batch_size=4, options={"tol": 1e-3})
+
+
+def data_log_prob(objective: FakeFlowObjective, x: torch.Tensor) -> torch.Tensor:
+    return objective.data.marginal(objective.path(), 0.0).log_prob(x)
