@@ -173,7 +173,8 @@ def ode_nll(
         :class:`ODELikelihood` with ``nll`` (B,) and ``nfe``.
 
     Runs with gradients enabled internally (the divergence needs them), also when called under
-    ``torch.no_grad`` or ``torch.inference_mode``; the network's parameters receive no gradient.
+    ``torch.no_grad`` or ``torch.inference_mode``; the network's parameters receive no gradient. Autocast is
+    off inside: the solve runs in x0's dtype (bf16's 8-bit mantissa would swamp a 1e-5 tolerance).
     """
     from torchdiffeq import odeint
 
@@ -189,7 +190,8 @@ def ode_nll(
         raise ValueError(f"need t0 < t1 (data at t0, prior at t1), got t0={t0}, t1={t1}")
     torch_method = _solver(method, steps)
     nfe = 0
-    with torch.inference_mode(False), torch.enable_grad():
+    autocast_off = torch.autocast(x0.device.type, enabled=False)
+    with torch.inference_mode(False), torch.enable_grad(), autocast_off:
         x0 = x0.detach().clone()  # a normal tensor, also when the caller runs in inference mode
         v = None if divergence == "exact" else _probes(x0, probes, int(n_probes), generator)
         B = x0.shape[0]
@@ -198,7 +200,7 @@ def ode_nll(
             nonlocal nfe
             nfe += 1
             x = state[0].detach().requires_grad_(True)
-            f = drift(x, t.to(x.dtype).expand(B))
+            f = drift(x, t.to(x.dtype).expand(B)).to(x.dtype)
             div = _divergence(f, x, v)
             return f.detach(), div.detach()
 

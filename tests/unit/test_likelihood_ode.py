@@ -472,3 +472,22 @@ def test_ode_bpd_over_images_reports_mean_stderr_and_nfe_with_a_bar(monkeypatch,
 
 def data_log_prob(objective: FakeFlowObjective, x: torch.Tensor) -> torch.Tensor:
     return objective.data.marginal(objective.path(), 0.0).log_prob(x)
+
+
+def test_autocast_does_not_lower_the_precision_of_the_solve():
+    path, data = PATHS["gvp"], GaussianData(D=4)
+    x, prior = data.sample(4).float(), _exact_prior(data, path, 1.0)
+    lin = torch.nn.Linear(4, 4).float()
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(4))
+        lin.bias.zero_()
+    exact = data.drift(path)
+
+    def f(x, t):  # the exact field through a layer that autocast would run in bf16
+        return lin(exact(x.double(), t.double()).float())
+
+    reference = ode_nll(f, x, 0.0, 1.0, lambda z: prior(z.double()).float(), "exact", method="heun", steps=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = ode_nll(f, x, 0.0, 1.0, lambda z: prior(z.double()).float(), "exact", method="heun", steps=8)
+    assert inside.nll.dtype == torch.float32
+    torch.testing.assert_close(inside.nll, reference.nll)
