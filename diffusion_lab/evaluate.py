@@ -1,6 +1,7 @@
 """Evaluate a checkpoint, or train the digit classifier behind the classifier-feature metrics.
 
     python -m diffusion_lab.evaluate ckpt=PATH metrics=[fid_classifier,kid,bpd] n=10000
+    python -m diffusion_lab.evaluate ckpt=PATH metrics=[bpd_ode] bpd_n=256   # any family with a path
     python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=/path/to/hoda
 
 The first samples with the checkpoint's own sampler config (``sampler=NAME`` chooses another,
@@ -25,6 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
+from diffusion_lab.metrics.bpd_ode import ode_bpd_over_images
 from diffusion_lab.sample import (
     check_count,
     check_sampler,
@@ -42,6 +44,10 @@ from diffusion_lab.utils.progress import track
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 ALIASES = {"kid": "kid_classifier", "is": "is_classifier", "fid": None}
+_BPD_LABELS = {
+    "bpd": "bits/dim (exact bound)",
+    "bpd_ode": "bits/dim (probability-flow ODE, dequantized: upper bound)",
+}
 
 __all__ = ["evaluate", "exact_bpd", "check_data_root", "main"]
 
@@ -50,6 +56,8 @@ def _metric_names(requested) -> tuple[list[str], bool]:
     names, bpd = [], False
     for name in requested:
         name = str(name)
+        if name == "bpd_ode":  # read by evaluate() itself
+            continue
         if name == "bpd":
             bpd = True
             continue
@@ -58,7 +66,7 @@ def _metric_names(requested) -> tuple[list[str], bool]:
                 raise ValueError("metric 'fid' is ambiguous: say fid_classifier or fid_inception")
             name = ALIASES[name]
         if name not in DISPLAY_NAMES:
-            raise ValueError(f"unknown metric '{name}'; choose from {sorted(DISPLAY_NAMES)} or bpd")
+            raise ValueError(f"unknown metric '{name}'; choose from {sorted(DISPLAY_NAMES)}, bpd or bpd_ode")
         names.append(name)
     return names, bpd
 
@@ -113,10 +121,11 @@ def check_data_root(dataset: DictConfig, data_root: str | None) -> None:
 def evaluate(cfg: DictConfig) -> dict:
     ckpt_path = require_checkpoint(cfg)
     names, want_bpd = _metric_names(cfg.metric_names)
+    want_ode = "bpd_ode" in [str(n) for n in cfg.metric_names]
     if names:
         check_count(cfg, "n")
         check_count(cfg, "batch_size")
-    if want_bpd:
+    if want_bpd or want_ode:
         check_count(cfg, "bpd_n")
         check_count(cfg, "bpd_batch_size")
     device = resolve_device(cfg.device)
@@ -188,6 +197,16 @@ def evaluate(cfg: DictConfig) -> dict:
         results.update(
             bpd=mean, bpd_stderr=se, bpd_images=len(images), bpd_seconds=round(time.perf_counter() - start, 2)
         )
+    if want_ode:
+        images, labels = dm.real_images(cfg.real_split, cfg.bpd_n)
+        module.to(device)
+        labels = labels if module.hparams.class_conditional else None
+        options = OmegaConf.to_container(cfg.bpd_ode, resolve=True) if cfg.get("bpd_ode") else {}
+        results.update(
+            ode_bpd_over_images(
+                module.diffusion, module.model, images, labels, cfg.bpd_batch_size, device, cfg.seed, options
+            )
+        )
     return results
 
 
@@ -201,7 +220,7 @@ def _print_table(results: dict) -> None:
     for k, v in results.items():
         if k in ("checkpoint", "dataset", "global_step", "sampler_config"):
             continue
-        label = DISPLAY_NAMES.get(k, "bits/dim (exact bound)" if k == "bpd" else k)
+        label = DISPLAY_NAMES.get(k, _BPD_LABELS.get(k, k))
         table.add_row(label, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console().print(table)
 

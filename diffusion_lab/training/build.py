@@ -69,6 +69,8 @@ def build_module(
         class_conditional=bool(cfg.get("class_conditional", False)),
         cond_drop_prob=float(cfg.get("cond_drop_prob", 0.0)),
         seed=int(cfg.get("seed", 0)),
+        val_bpd_ode_images=int(cfg.get("val_bpd_ode_images", 8)),
+        val_bpd_ode_steps=int(cfg.get("val_bpd_ode_steps", 8)),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, count_parameters(model)
