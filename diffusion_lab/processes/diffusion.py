@@ -192,18 +192,20 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------------- the continuous view
 
     def path(self) -> GaussianPath:
-        """This schedule as a continuous path: step i at t = (i + 1) / T, log-SNR linear in t between steps."""
+        """This schedule as a continuous path: step i at t = (i + 1) / T, log-SNR linear in t between."""
         return DiscreteVPPath(self.schedule.alphas_cumprod)
 
     def predict(
         self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
-        """(x0_hat, eps_hat) at continuous times t (B,) in [0, 1] of ``path()``, x = alpha(t) x_0 + sigma(t) eps.
+        """(x0_hat, eps_hat) at continuous times t (B,) in [0, 1] of ``path()``, for
+        x = alpha(t) x_0 + sigma(t) eps.
 
-        The network runs at the step nearest to t in log-SNR (``DiscreteVPPath.nearest_step``), on x moved to
-        that step's scale through the variance-exploding view: x_k = sqrt(alpha_bar_k) x / alpha(t) (as the
-        sigma samplers round sigma to the model's steps, EDM App. C.3.2). eps_hat is then recomputed for x at t,
-        so x = alpha(t) x0_hat + sigma(t) eps_hat holds exactly; at t = (k + 1) / T nothing is rounded.
+        The network runs at the step nearest to t in log-SNR (``DiscreteVPPath.nearest_step``), on x moved
+        to that step's scale through the variance-exploding view: x_k = sqrt(alpha_bar_k) x / alpha(t) (as
+        the sigma samplers round sigma to the model's steps, EDM App. C.3.2). eps_hat is then recomputed for
+        x at t, so x = alpha(t) x0_hat + sigma(t) eps_hat holds exactly; at t = (k + 1) / T nothing is
+        rounded.
         """
         path = self.path()
         c = path.coefs(t, x)

@@ -187,7 +187,8 @@ class GVPPath(GaussianPath):
 
 
 class VPSDEPath(GaussianPath):
-    """The VP-SDE of Song et al. 2021 (Eq. 33): log alpha = -t^2 (b1 - b0) / 4 - t b0 / 2, sigma^2 = 1 - alpha^2.
+    """The VP-SDE of Song et al. 2021 (Eq. 33):
+    log alpha = -t^2 (b1 - b0) / 4 - t b0 / 2, sigma^2 = 1 - alpha^2.
 
     Args:
         beta_min, beta_max: b0 and b1 of the linear beta(t) = b0 + t (b1 - b0) (0.1 and 20 in the paper).
