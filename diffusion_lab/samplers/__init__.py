@@ -13,6 +13,7 @@ Samplers (``SAMPLERS`` / ``get_sampler(name)``):
     dpm_solver  DPM-Solver++(2M), Lu et al. 2022b Algorithm 2
     euler       Euler in sigma, EDM (Karras et al. 2022) Algorithm 2 without the correction
     heun        Heun's 2nd-order method in sigma, EDM Algorithm 2 (stochastic churn optional)
+    euler_maruyama  Euler-Maruyama on the path's reverse SDE (SiT's sample_sde), diffusion_form selectable
 
 Each takes ``steps`` (network evaluations) and ``grid`` (which training steps, ``GRIDS`` / ``make_grid`` in
 ``timesteps``: uniform, leading, trailing, time_uniform, logsnr_uniform, karras), chosen independently.
@@ -33,6 +34,7 @@ from diffusion_lab.samplers.ddim import ddim_sample
 from diffusion_lab.samplers.ddpm import ddpm_sample
 from diffusion_lab.samplers.dpm_solver import dpm_solver_sample
 from diffusion_lab.samplers.edm import euler_sample, heun_sample
+from diffusion_lab.samplers.sde import euler_maruyama_sample
 from diffusion_lab.samplers.timesteps import GRIDS, karras_sigmas, make_grid
 
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "dpm_solver_sample",
     "euler_sample",
     "heun_sample",
+    "euler_maruyama_sample",
     "NFECounter",
     "dynamic_thresholding",
     "guided_model_output",
@@ -61,6 +64,7 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpm_solver": dpm_solver_sample,
     "euler": euler_sample,
     "heun": heun_sample,
+    "euler_maruyama": euler_maruyama_sample,
 }
 
 
