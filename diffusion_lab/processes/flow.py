@@ -1,4 +1,4 @@
-"""Flow matching and stochastic interpolants on a Gaussian path (``objective=flow`` / ``objective=interpolant``).
+"""Flow matching and stochastic interpolants on a Gaussian path (``objective=flow`` and ``interpolant``).
 
     x_t = alpha(t) x_0 + sigma(t) eps,   t ~ p(t),   loss = w(t) ||P_theta(x_t, t) - P(x_0, eps, t)||^2
 
@@ -168,7 +168,7 @@ class FlowMatching(GaussianDiffusion):
         return self.prediction.to_velocity(self.network(model_fn, x, t, y), x, self.gpath.coefs(t, x))
 
     def denoise(self, model_fn: ModelFn, x: Tensor, sigma: Tensor, y: Tensor | None = None) -> Tensor:
-        """D(x; sigma) in the variance-exploding view x = x_t / alpha(t), sigma = sigma(t) / alpha(t), (B,)."""
+        """D(x; sigma) in the variance-exploding view x = x_t / alpha(t), sigma = sigma(t) / alpha(t) (B,)."""
         t = self.gpath.t_from_ve_sigma(sigma.to(torch.float64)).to(x.device)
         c = self.gpath.coefs(t, x)
         x_t = c.alpha * x

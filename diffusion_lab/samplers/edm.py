@@ -180,8 +180,9 @@ class ContinuousDenoiser(SigmaDenoiser):
 
 
 class FlowDenoiser(ContinuousDenoiser):
-    """D(x; sigma) of a flow-matching / interpolant model in the VE view x = x_t / alpha, sigma = sigma / alpha
-    of its path (``FlowMatching.denoise``); grids other than karras pick the discrete view's sigmas."""
+    """D(x; sigma) of a flow-matching / interpolant model in the VE view x = x_t / alpha,
+    sigma = sigma / alpha of its path (``FlowMatching.denoise``); grids other than karras pick the
+    discrete view's sigmas."""
 
     def _table(self) -> Tensor:
         return _finite_table(self.diffusion)

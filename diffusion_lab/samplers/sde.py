@@ -96,7 +96,8 @@ def euler_maruyama_sample(
         steps: network evaluations (>= 2): steps - 1 SDE steps uniform in t, then the denoised mean.
         grid: only ``time_uniform`` (uniform in t, as SiT).
         diffusion_form, diffusion_norm: w(t) (``DIFFUSION_FORMS``) and its factor (0 = the ODE, Euler in t).
-        t_start: the first time (default: the path's t_max, or the objective's ``t_top``); t_end: the last (the path's t_min at least).
+        t_start: the first time (default: the path's t_max, or the objective's ``t_top``);
+        t_end: the last (the path's t_min at least).
     Returns:
         (B, C, H, W) samples.
     """
