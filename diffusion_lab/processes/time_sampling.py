@@ -38,7 +38,7 @@ def time_shift(t: Tensor, shift: float) -> Tensor:
     """SD3's time shift t' = s t / (1 + (s - 1) t) (Esser et al. 2024, Eq. 23): monotone, fixes 0 and 1."""
     if not shift > 0:
         raise ValueError(f"time shift must be > 0 (1 = none, SD3 uses 3.0 at 1024 px), got {shift}")
-    return shift * t / (1.0 + (shift - 1.0) * t)
+    return shift * t / (shift * t + (1.0 - t))  # = s t / (1 + (s - 1) t), exactly 1 at t = 1
 
 
 class TimeDensity:

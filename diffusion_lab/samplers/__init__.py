@@ -39,6 +39,7 @@ from diffusion_lab.samplers.timesteps import GRIDS, karras_sigmas, make_grid
 
 __all__ = [
     "SAMPLERS",
+    "PATH_SAMPLERS",
     "get_sampler",
     "sample",
     "ddpm_sample",
@@ -64,14 +65,17 @@ SAMPLERS: dict[str, SamplerFn] = {
     "dpm_solver": dpm_solver_sample,
     "euler": euler_sample,
     "heun": heun_sample,
-    "euler_maruyama": euler_maruyama_sample,
 }
+# Samplers in continuous time on the model's path (not on a grid of its discrete steps).
+PATH_SAMPLERS: dict[str, SamplerFn] = {"euler_maruyama": euler_maruyama_sample}
 
 
 def get_sampler(name: str) -> SamplerFn:
     """The sampler function registered under ``name``."""
+    if name in PATH_SAMPLERS:
+        return PATH_SAMPLERS[name]
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; valid names: {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler '{name}'; valid names: {', '.join([*SAMPLERS, *PATH_SAMPLERS])}")
     return SAMPLERS[name]
 
 
