@@ -134,7 +134,7 @@ SIT_GRID = [(p, q) for p in ("linear", "gvp") for q in ("velocity", "noise", "sc
 
 @pytest.mark.parametrize("path,prediction", SIT_GRID)
 def test_loss_at_the_exact_field_is_the_irreducible_loss(path, prediction):
-    """MC loss of the exact field = E_t Var(P | x_t) = E_t s2 (p1 s - p2 a)^2 / (a^2 s2 + s^2), P = p1 x0 + p2 eps."""
+    """MC loss at the exact field = E_t Var(P | x_t) = E_t s2 (p1 s - p2 a)^2 / (a^2 s2 + s^2)."""
     d = FlowMatching(path=path, prediction=prediction, time_density="uniform", t_eps=0.02, discrete_steps=10)
     d = d.double()
     g = torch.Generator().manual_seed(0)
