@@ -35,6 +35,7 @@ from diffusion_lab.processes.likelihood import (
     normal_kl,
 )
 from diffusion_lab.processes.parameterization import PARAMETERIZATIONS, Parameterization, get_parameterization
+from diffusion_lab.processes.paths import Coefs, DiscreteVPPath, GaussianPath
 from diffusion_lab.processes.schedules import Schedule, betas_from_alphas_cumprod
 
 __all__ = [
@@ -180,6 +181,47 @@ class GaussianDiffusion(nn.Module):
         table: Tensor = getattr(self, name)
         out = table.to(x.device)[t.to(x.device)].to(x.dtype)
         return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+    def coefs(self, t: Tensor, x: Tensor) -> Coefs:
+        """alpha = sqrt(alpha_bar_t), sigma = sqrt(1 - alpha_bar_t) at steps t (B,), each (B, 1, ..., 1).
+
+        The parameterizations' discrete adapters read these (no derivatives: a step has none).
+        """
+        return Coefs(self.coef("sqrt_alphas_cumprod", t, x), self.coef("sqrt_one_minus_alphas_cumprod", t, x))
+
+    # ------------------------------------------------------------------------- the continuous view
+
+    def path(self) -> GaussianPath:
+        """This schedule as a continuous path: step i at t = (i + 1) / T, log-SNR linear in t between."""
+        return DiscreteVPPath(self.schedule.alphas_cumprod)
+
+    def predict(
+        self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(x0_hat, eps_hat) at continuous times t (B,) in [0, 1] of ``path()``, for
+        x = alpha(t) x_0 + sigma(t) eps.
+
+        The network runs at the step nearest to t in log-SNR (``DiscreteVPPath.nearest_step``), on x moved
+        to that step's scale through the variance-exploding view: x_k = sqrt(alpha_bar_k) x / alpha(t) (as
+        the sigma samplers round sigma to the model's steps, EDM App. C.3.2). eps_hat is then recomputed for
+        x at t, so x = alpha(t) x0_hat + sigma(t) eps_hat holds exactly; at t = (k + 1) / T nothing is
+        rounded.
+        """
+        path = self.path()
+        c = path.coefs(t, x)
+        k = path.nearest_step(t).to(x.device)
+        x_k = self.coef("sqrt_alphas_cumprod", k, x) * x / c.alpha
+        out = self.run_model(model_fn, x_k, k, y)
+        pred, _ = self.split_output(out, x_k)
+        x0, _ = self.parameterization.to_x0_eps(pred, x_k, k, self)
+        return x0, (x - c.alpha * x0) / c.sigma
+
+    def velocity(self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The probability-flow ODE drift dx/dt = d_alpha(t) x0_hat + d_sigma(t) eps_hat at continuous t (B,)
+        of ``path()`` (see ``predict`` for how t meets the network's steps)."""
+        c = self.path().coefs(t, x)
+        x0, eps = self.predict(model_fn, x, t, y)
+        return c.d_alpha * x0 + c.d_sigma * eps
 
     def sample_timesteps(self, batch: int, device=None, generator: torch.Generator | None = None) -> Tensor:
         """t ~ Uniform{0, ..., T-1}, shape (batch,)."""

@@ -36,6 +36,7 @@ from torch import Tensor
 from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.processes.likelihood import mean_flat
 from diffusion_lab.processes.parameterization import EDMPreconditioning
+from diffusion_lab.processes.paths import GaussianPath, VEPath, karras_sigmas
 from diffusion_lab.processes.schedules import Schedule, betas_from_alphas_cumprod
 
 __all__ = ["EDMDiffusion"]
@@ -81,9 +82,6 @@ class EDMDiffusion(GaussianDiffusion):
         if sigmas is None:
             if int(discrete_steps) < 2:
                 raise ValueError(f"discrete_steps must be >= 2 (1000 by default), got {discrete_steps}")
-            # imported here: the samplers package imports this module
-            from diffusion_lab.samplers.timesteps import karras_sigmas
-
             sigmas = karras_sigmas(int(discrete_steps), sigma_min, sigma_max, rho).flip(0)  # ascending
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
         ab = 1.0 / (1.0 + sigmas**2)  # alpha_bar of the VP step with the same noise-to-signal ratio
@@ -111,6 +109,20 @@ class EDMDiffusion(GaussianDiffusion):
         out = self.network_output(model_fn, x, sigma, y)
         pred, _ = self.split_output(out, x)
         return self.precond.denoise(pred, x, s)
+
+    # ------------------------------------------------------------------------- the continuous view
+
+    def path(self) -> GaussianPath:
+        """EDM's VE path: alpha = 1, sigma from sigma_min (t = 0) to sigma_max (t = 1), geometric in t."""
+        return VEPath(self.sigma_min, self.sigma_max)
+
+    def predict(
+        self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(D(x; sigma(t)), (x - D) / sigma(t)) at continuous t (B,) of ``path()``: no rounding."""
+        sigma = self.path().sigma(t.to(torch.float64)).to(device=x.device, dtype=x.dtype)
+        D = self.denoise(model_fn, x, sigma, y)
+        return D, (x - D) / sigma.reshape(-1, *([1] * (x.ndim - 1)))
 
     # ------------------------------------------------------------------------------------- training
 

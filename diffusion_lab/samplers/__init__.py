@@ -13,6 +13,7 @@ Samplers (``SAMPLERS`` / ``get_sampler(name)``):
     dpm_solver  DPM-Solver++(2M), Lu et al. 2022b Algorithm 2
     euler       Euler in sigma, EDM (Karras et al. 2022) Algorithm 2 without the correction
     heun        Heun's 2nd-order method in sigma, EDM Algorithm 2 (stochastic churn optional)
+    euler_maruyama  Euler-Maruyama on the path's reverse SDE (SiT's sample_sde), diffusion_form selectable
 
 Each takes ``steps`` (network evaluations) and ``grid`` (which training steps, ``GRIDS`` / ``make_grid`` in
 ``timesteps``: uniform, leading, trailing, time_uniform, logsnr_uniform, karras), chosen independently.
@@ -33,10 +34,12 @@ from diffusion_lab.samplers.ddim import ddim_sample
 from diffusion_lab.samplers.ddpm import ddpm_sample
 from diffusion_lab.samplers.dpm_solver import dpm_solver_sample
 from diffusion_lab.samplers.edm import euler_sample, heun_sample
+from diffusion_lab.samplers.sde import euler_maruyama_sample
 from diffusion_lab.samplers.timesteps import GRIDS, karras_sigmas, make_grid
 
 __all__ = [
     "SAMPLERS",
+    "PATH_SAMPLERS",
     "get_sampler",
     "sample",
     "ddpm_sample",
@@ -44,6 +47,7 @@ __all__ = [
     "dpm_solver_sample",
     "euler_sample",
     "heun_sample",
+    "euler_maruyama_sample",
     "NFECounter",
     "dynamic_thresholding",
     "guided_model_output",
@@ -62,12 +66,16 @@ SAMPLERS: dict[str, SamplerFn] = {
     "euler": euler_sample,
     "heun": heun_sample,
 }
+# Samplers in continuous time on the model's path (not on a grid of its discrete steps).
+PATH_SAMPLERS: dict[str, SamplerFn] = {"euler_maruyama": euler_maruyama_sample}
 
 
 def get_sampler(name: str) -> SamplerFn:
     """The sampler function registered under ``name``."""
+    if name in PATH_SAMPLERS:
+        return PATH_SAMPLERS[name]
     if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler '{name}'; valid names: {', '.join(SAMPLERS)}")
+        raise ValueError(f"unknown sampler '{name}'; valid names: {', '.join([*SAMPLERS, *PATH_SAMPLERS])}")
     return SAMPLERS[name]
 
 

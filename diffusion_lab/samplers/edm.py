@@ -45,6 +45,7 @@ from torch import Tensor
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.processes.edm import EDMDiffusion
+from diffusion_lab.processes.flow import FlowMatching
 from diffusion_lab.samplers.common import (
     Callback,
     _null_labels,
@@ -131,17 +132,21 @@ class SigmaDenoiser:
         raise NotImplementedError
 
 
+def _finite_table(diffusion: GaussianDiffusion) -> Tensor:
+    """sigma_t of every step; at zero terminal SNR (alpha_bar_T = 0, sigma = inf) the last step gets the
+    sigma one log-step beyond its neighbour, so that x / sqrt(1 + sigma^2) ~ N(0, I) is what is seen there."""
+    table = discrete_sigmas(diffusion)
+    if not torch.isfinite(table[-1]):
+        log_step = table[-2].log() - table[-3].log() if table.numel() > 2 else torch.tensor(1.0)
+        table = torch.cat([table[:-1], (table[-2].log() + log_step).exp()[None]])
+    return table
+
+
 class DiscreteDenoiser(SigmaDenoiser):
     """D(x; sigma_t) of a discrete model: its x_0 prediction at step t from x_t = x / sqrt(1 + sigma_t^2)."""
 
     def _table(self) -> Tensor:
-        table = discrete_sigmas(self.diffusion)
-        if not torch.isfinite(table[-1]):
-            # zero terminal SNR (alpha_bar_T = 0): the last step gets the sigma one log-step beyond its
-            # neighbour, so that x / sqrt(1 + sigma^2) ~ N(0, I) is what the network sees there
-            log_step = table[-2].log() - table[-3].log() if table.numel() > 2 else torch.tensor(1.0)
-            table = torch.cat([table[:-1], (table[-2].log() + log_step).exp()[None]])
-        return table
+        return _finite_table(self.diffusion)
 
     def __call__(self, x: Tensor, sigma: float) -> Tensor:
         d, k = self.diffusion, self.nearest_step(sigma)
@@ -151,26 +156,9 @@ class DiscreteDenoiser(SigmaDenoiser):
         return d.p_mean_variance(out, x_t, t, clip_denoised=False, denoised_fn=self.process_x0).pred_x0
 
 
-class EDMDenoiser(SigmaDenoiser):
-    """D(x; sigma) of an EDM model at any sigma (EDM Eq. 7), with guidance on D."""
-
-    diffusion: EDMDiffusion
-
-    def _table(self) -> Tensor:
-        return self.diffusion.schedule_sigmas()
-
-    def grid(self, steps: int | str | None, grid: str, grid_opts: Mapping[str, Any]) -> list[float]:
-        if grid != "karras":
-            return super().grid(steps, grid, grid_opts)
-        d, opts = self.diffusion, dict(grid_opts)
-        unknown = set(opts) - {"sigma_min", "sigma_max", "rho"}
-        if unknown:
-            raise ValueError(
-                f"grid karras: unknown options {sorted(unknown)}; valid: sigma_min, sigma_max, rho"
-            )
-        n = d.num_timesteps if steps is None else int(steps)
-        lo, hi = opts.get("sigma_min") or d.sigma_min, opts.get("sigma_max") or d.sigma_max
-        return karras_sigmas(n, float(lo), float(hi), float(opts.get("rho") or d.rho)).tolist()
+class ContinuousDenoiser(SigmaDenoiser):
+    """D(x; sigma) = ``diffusion.denoise(model_fn, x, sigma, y)`` at any sigma (k-diffusion's contract), with
+    classifier-free guidance on D."""
 
     def round_sigma(self, sigma: float) -> float:
         return sigma  # continuous noise levels
@@ -191,6 +179,37 @@ class EDMDenoiser(SigmaDenoiser):
         return D if self.process_x0 is None else self.process_x0(D)
 
 
+class FlowDenoiser(ContinuousDenoiser):
+    """D(x; sigma) of a flow-matching / interpolant model in the VE view x = x_t / alpha,
+    sigma = sigma / alpha of its path (``FlowMatching.denoise``); grids other than karras pick the
+    discrete view's sigmas."""
+
+    def _table(self) -> Tensor:
+        return _finite_table(self.diffusion)
+
+
+class EDMDenoiser(ContinuousDenoiser):
+    """D(x; sigma) of an EDM model at any sigma (EDM Eq. 7), with guidance on D."""
+
+    diffusion: EDMDiffusion
+
+    def _table(self) -> Tensor:
+        return self.diffusion.schedule_sigmas()
+
+    def grid(self, steps: int | str | None, grid: str, grid_opts: Mapping[str, Any]) -> list[float]:
+        if grid != "karras":
+            return super().grid(steps, grid, grid_opts)
+        d, opts = self.diffusion, dict(grid_opts)
+        unknown = set(opts) - {"sigma_min", "sigma_max", "rho"}
+        if unknown:
+            raise ValueError(
+                f"grid karras: unknown options {sorted(unknown)}; valid: sigma_min, sigma_max, rho"
+            )
+        n = d.num_timesteps if steps is None else int(steps)
+        lo, hi = opts.get("sigma_min") or d.sigma_min, opts.get("sigma_max") or d.sigma_max
+        return karras_sigmas(n, float(lo), float(hi), float(opts.get("rho") or d.rho)).tolist()
+
+
 def sigma_denoiser(
     model_fn: ModelFn,
     diffusion: GaussianDiffusion,
@@ -199,8 +218,14 @@ def sigma_denoiser(
     null_class: int | None = None,
     process_x0: X0Processor = None,
 ) -> SigmaDenoiser:
-    """The sigma-space denoiser of any trained diffusion (continuous for EDM, rounded for discrete ones)."""
-    cls = EDMDenoiser if isinstance(diffusion, EDMDiffusion) else DiscreteDenoiser
+    """The sigma-space denoiser of any trained diffusion (continuous for EDM and flows, rounded for discrete
+    ones)."""
+    if isinstance(diffusion, EDMDiffusion):
+        cls = EDMDenoiser
+    elif isinstance(diffusion, FlowMatching):
+        cls = FlowDenoiser
+    else:
+        cls = DiscreteDenoiser
     return cls(model_fn, diffusion, y, guidance_scale, null_class, process_x0)
 
 

@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.paths import karras_sigmas  # EDM Eq. 5; re-exported here
 
 __all__ = ["GRIDS", "make_grid", "karras_sigmas", "half_log_snr", "sigmas"]
 
@@ -56,26 +57,6 @@ def sigmas(diffusion: GaussianDiffusion) -> Tensor:
     """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) of each step (the EDM noise level), float64 (T,)."""
     ab = diffusion.schedule.alphas_cumprod.to(torch.float64)
     return ((1.0 - ab) / ab).sqrt()
-
-
-def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> Tensor:
-    """The n noise levels of Karras et al. 2022, Eq. 5, descending from sigma_max to sigma_min, float64 (n,).
-
-        sigma_i = (sigma_max^(1/rho) + i / (n - 1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho,  i < n
-
-    The paper's final sigma_N = 0 is left out (a sampler appends it). n = 1 gives [sigma_max].
-    """
-    if n < 1:
-        raise ValueError(f"karras_sigmas: n must be >= 1, got {n}")
-    if not 0.0 < sigma_min < sigma_max:
-        raise ValueError(f"karras_sigmas: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
-    if rho <= 0:
-        raise ValueError(f"karras_sigmas: rho must be > 0 (7 in the paper), got {rho}")
-    if n == 1:
-        return torch.tensor([float(sigma_max)], dtype=torch.float64)
-    ramp = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
-    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
-    return (hi + ramp * (lo - hi)) ** rho
 
 
 # ------------------------------------------------------------------------------------ closed-form grids
