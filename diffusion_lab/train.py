@@ -28,10 +28,11 @@ from diffusion_lab.training.preemption import (
     PREEMPTED_EXIT_CODE,
     Preempted,
     PreemptionCheckpoint,
+    lost_peer,
     requeued_checkpoint,
 )
 from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
-from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.cli import CommandError, exit_on_bad_input
 from diffusion_lab.utils.config_utils import print_config_tree
 from diffusion_lab.utils.cpu import default_threads
 from diffusion_lab.utils.fileio import remove_stale_temp_files
@@ -194,6 +195,14 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Exception as e:
+        if trainer.world_size > 1 and lost_peer(e):
+            raise CommandError(
+                f"rank {trainer.global_rank}: another process of this run died or stopped answering "
+                f"({str(e).strip().splitlines()[0][:160]}); the run stopped at step {trainer.global_step}, "
+                "resume with ckpt_path=last"
+            ) from None
+        raise
     except SIGTERMException:
         raise Preempted(
             f"stopped by a termination signal at step {preemption.step}: saved {preemption.saved}; "

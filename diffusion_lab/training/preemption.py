@@ -14,6 +14,13 @@ checkpoint in the run directory and ``scontrol requeue``. What it lacks, :class:
 ``train`` turns the stop into :class:`Preempted` (the commands print one line, exit 143 = 128 + SIGTERM) and,
 in a SLURM job that was requeued (``SLURM_RESTART_COUNT`` > 0, e.g. by the submitit launcher), resumes from
 the run directory's own ``last.ckpt`` (:func:`requeued_checkpoint`).
+
+A dead rank (``kill -9``, an out-of-memory kill): gloo sees the closed connection at the next collective, so
+every other rank fails within about a second and ``train`` stops it with one line (:func:`lost_peer`); the
+launching process also watches its ranks every 5 s and kills the rest when one died (Lightning's
+``_ChildProcessObserver``). A rank that vanishes without closing its connection (a lost node) is given up
+after the process group's timeout: ``trainer.strategy.timeout`` (conf/trainer/ddp_cpu.yaml: 600 s, torch's
+default being 30 minutes). ``ckpt_path=last`` resumes from the last periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("diffusion_lab")
 
-__all__ = ["PreemptionCheckpoint", "Preempted", "requeued_checkpoint", "PREEMPTED_EXIT_CODE"]
+__all__ = ["PreemptionCheckpoint", "Preempted", "requeued_checkpoint", "lost_peer", "PREEMPTED_EXIT_CODE"]
 
 PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 
@@ -81,6 +88,18 @@ class PreemptionCheckpoint(pl.Callback):
                 cb.last_model_path = str(path)
         self.saved, self.step = path, trainer.global_step
         log.info("preempted at step %d: saved %s", trainer.global_step, path)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` says that another rank died (gloo: its connection closed) or did not answer within
+    the process group's timeout (``DDPStrategy(timeout=...)``, conf/trainer/ddp_cpu.yaml)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or (
+        isinstance(error, RuntimeError)
+        and any(s in text for s in ("Connection closed by peer", "Connection reset by peer", "Timed out"))
+    )
 
 
 def requeued_checkpoint(out_dir: Path) -> Path | None:

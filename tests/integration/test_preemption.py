@@ -106,3 +106,41 @@ def test_requeued_slurm_job_resumes_from_its_own_run_directory(tmp_path, monkeyp
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert requeued_checkpoint(tmp_path) == ckpt
     assert requeued_checkpoint(tmp_path / "elsewhere") is None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_the_other_with_one_line_and_the_run_resumes(tmp_path):
+    """kill -9 of rank 1 in a 2-process gloo run: rank 0 stops within seconds (not the process group's
+    timeout), one line, non-zero exit; ``ckpt_path=last`` then finishes the run."""
+    import time
+
+    args = [
+        *SETUP,
+        "trainer=ddp_cpu",
+        "callbacks.model_checkpoint.every_n_train_steps=2",
+        "trainer.max_steps=8",
+        f"paths.log_dir={tmp_path}",
+        f"paths.cache_dir={tmp_path}/cache",
+    ]
+    kill = [
+        "+callbacks.kill._target_=signal_callback.KillRankAt",
+        "+callbacks.kill.step=5",
+        "+callbacks.kill.rank=1",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    start = time.monotonic()
+    cut = run_command("train.py", [*args, *kill], tmp_path, env=env, timeout=120)
+    took = time.monotonic() - start
+    shown = cut.stdout + cut.stderr
+    assert cut.returncode != 0, shown[-3000:]
+    assert "Traceback" not in shown, shown[-3000:]
+    errors = [line for line in cut.stderr.splitlines() if line.startswith("error: rank ")]
+    assert len(errors) == 1 and "another process of this run died" in errors[0], shown[-3000:]
+    assert took < 100, f"{took:.0f} s: the surviving rank waited for the timeout"
+    (last,) = (tmp_path / "train" / "runs").glob("*/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+
+    done = run_command("train.py", [*args, "ckpt_path=last"], tmp_path, env=env, timeout=120)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    finals = [p for p in (tmp_path / "train" / "runs").glob("*/checkpoints/last.ckpt") if p != last]
+    assert len(finals) == 1 and torch.load(finals[0], weights_only=True)["global_step"] == 8
