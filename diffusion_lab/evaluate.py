@@ -49,7 +49,7 @@ _BPD_LABELS = {
     "bpd_ode": "bits/dim (probability-flow ODE, dequantized: upper bound)",
 }
 
-__all__ = ["evaluate", "exact_bpd", "check_data_root", "main"]
+__all__ = ["evaluate", "exact_bpd", "check_data_root", "write_results", "main"]
 
 
 def _metric_names(requested) -> tuple[list[str], bool]:
@@ -236,8 +236,24 @@ def _evaluate_main(cfg: DictConfig) -> None:
         if cfg.out
         else Path(cfg.ckpt).with_suffix(f".{results.get('sampler', 'bpd')}{steps or ''}-n{cfg.n}.eval.json")
     )
-    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=2))
+    write_results(results, cfg, out)
     print(f"written: {out}")
+
+
+def write_results(results: dict, cfg: DictConfig, out: Path) -> None:
+    """The results and the command's config as JSON at ``out``, the checkpoint named relative to ``out``'s
+    folder: the file stays valid when the run folder moves, and names no user's home directory."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    here = Path(out).resolve().parent
+
+    def relative(path) -> str:
+        return os.path.relpath(Path(str(path)).resolve(), here)
+
+    if results.get("checkpoint"):
+        results = {**results, "checkpoint": relative(results["checkpoint"])}
+    if config.get("ckpt"):
+        config["ckpt"] = relative(config["ckpt"])
+    Path(out).write_text(json.dumps({**results, "config": config}, indent=2))
 
 
 def main() -> None:

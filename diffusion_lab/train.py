@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.training.build import build_module
@@ -23,8 +25,15 @@ from diffusion_lab.training.checkpoint_io import AtomicCheckpointIO
 from diffusion_lab.training.device_check import check_trainer_device
 from diffusion_lab.training.guards import NonFiniteGuard
 from diffusion_lab.training.loggers import build_loggers, close_loggers
+from diffusion_lab.training.preemption import (
+    PREEMPTED_EXIT_CODE,
+    Preempted,
+    PreemptionCheckpoint,
+    lost_peer,
+    requeued_checkpoint,
+)
 from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
-from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.cli import CommandError, exit_on_bad_input
 from diffusion_lab.utils.config_utils import print_config_tree
 from diffusion_lab.utils.cpu import default_threads
 from diffusion_lab.utils.fileio import remove_stale_temp_files
@@ -166,6 +175,9 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     image_shape = (datamodule.channels, datamodule.image_size, datamodule.image_size)
 
     ckpt_path = cfg.get("ckpt_path")
+    if not ckpt_path and (requeued := requeued_checkpoint(out_dir)) is not None:
+        ckpt_path = str(requeued)
+        log.info("requeued job: resuming from %s", ckpt_path)
     if ckpt_path == "last":
         ckpt_path = str(find_last_checkpoint(cfg.paths.log_dir, cfg.task_name))
     if ckpt_path:
@@ -183,15 +195,29 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for lg in loggers:
         lg.log_hyperparams({"num_parameters": n_params})
 
+    preemption = PreemptionCheckpoint()  # SIGTERM / SIGUSR1: a resumable last.ckpt, then a clean stop
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
-        callbacks=_callbacks(cfg) + _quality_callbacks(cfg),
+        callbacks=_callbacks(cfg) + _quality_callbacks(cfg) + [preemption],
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except Exception as e:
+        if trainer.world_size > 1 and lost_peer(e):
+            raise CommandError(
+                f"rank {trainer.global_rank}: another process of this run died or stopped answering "
+                f"({str(e).strip().splitlines()[0][:160]}); the run stopped at step {trainer.global_step}, "
+                "resume with ckpt_path=last"
+            ) from None
+        raise
+    except SIGTERMException:
+        raise Preempted(
+            f"stopped by a termination signal at step {preemption.step}: saved {preemption.saved}; "
+            "resume with ckpt_path=last"
+        ) from None
     finally:
         close_loggers(loggers)  # one wandb run per run, also for the jobs of a multirun in one process
     wall = time.perf_counter() - start
@@ -220,8 +246,12 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> float | None:
     with open_dict(cfg):
         cfg.paths.output_dir = HydraConfig.get().runtime.output_dir
-    with exit_on_bad_input():
-        result = train(cfg)
+    try:
+        with exit_on_bad_input():
+            result = train(cfg)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
     # A metric for Hydra sweepers (Optuna minimises it).
     metrics = result["metrics"]
     objective = cfg.get("optimized_metric")

@@ -84,7 +84,8 @@ class FolderSource(DataSource):
         self._files: list[Path] | None = None
 
     def options(self) -> dict[str, Any]:
-        return {"labels": self.labels}
+        # channels null (the files' own, a mix refused) and 3 (all converted) decode a mix differently
+        return {"labels": self.labels, "channels": self._channels}
 
     # -- listing (cheap, no decoding) ------------------------------------------------------------------------
 

@@ -143,18 +143,16 @@ def check_compatible(ckpt_config: dict, cfg: DictConfig | dict, path: str | Path
         )
 
 
-# The parts of a checkpoint's run config that the commands instantiate.
-INSTANTIATED_KEYS = ("schedule", "objective", "model", "optimizer", "lr_scheduler", "sampler", "dataset")
-
-
 def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
     """Rebuild the :class:`DiffusionModule` of a checkpoint, with its EMA weights (or the raw ones).
 
-    The checkpoint's run config is checked first: every ``_target_`` that would be instantiated must lie in
-    this project's allowed namespaces (:mod:`diffusion_lab.utils.safe_config`).
+    The checkpoint's run config is checked first: every ``_target_`` in it outside the launch-time parts
+    (trainer, callbacks, loggers, which no command builds from a checkpoint) must be one that the configs
+    under conf/ name, or one the user admitted (:mod:`diffusion_lab.utils.safe_config`); nothing of it is
+    instantiated otherwise.
     """
     from diffusion_lab.training.build import build_module
-    from diffusion_lab.utils.safe_config import check_targets, upgrade_targets
+    from diffusion_lab.utils.safe_config import check_stored_config, upgrade_targets
 
     ckpt = read_checkpoint(path, map_location)
     hp = ckpt["hyper_parameters"]
@@ -164,9 +162,7 @@ def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
         )
     except Exception as e:
         raise ValueError(f"checkpoint {path}: its run config does not resolve ({e})") from None
-    for key in INSTANTIATED_KEYS:
-        if cfg.get(key) is not None:
-            check_targets(cfg[key], key, source=f"checkpoint {path}")
+    check_stored_config(cfg, source=f"checkpoint {path}")
     try:
         image_shape, num_classes = tuple(int(v) for v in hp["image_shape"]), int(hp["num_classes"])
     except (KeyError, TypeError, ValueError):

@@ -1,9 +1,23 @@
 """What a config may instantiate, and with which values.
 
 ``check_targets``: a run config read from a checkpoint comes from whoever wrote the file, and Hydra's
-``instantiate`` calls any importable ``_target_`` (``builtins.open`` creates or truncates a file). Before
-anything of it is instantiated, every ``_target_`` in it, at any depth, must lie under one of
-``ALLOWED_TARGET_PREFIXES``: this project, torch's optimizers and Lightning.
+``instantiate`` calls any importable ``_target_`` (``builtins.open`` creates or truncates a file; this
+project's own ``download_file`` fetches a URL into any path). Before anything of a stored config is
+instantiated, every ``_target_`` in it, at any depth (inside ``_args_`` lists too, whatever ``_partial_`` or
+``_recursive_`` say), must be one of :func:`allowed_targets`, compared as exact names:
+
+- the targets that the files under ``conf/`` name (read once from the YAML files, so a new model, objective
+  or sampler config admits its class by existing), except those in launch-time parts of a config
+  (:data:`LAUNCH_TIME_KEYS`: trainer, callbacks, loggers, Hydra's launchers and sweepers). Those parts are
+  built by ``train.py`` from the command line, never from a checkpoint, and their classes write files where
+  their arguments say (``ModelCheckpoint``, ``CSVLogger``) or start processes;
+- :data:`LEGACY_TARGETS`, which checkpoints of earlier versions of this project name;
+- a user's own classes, admitted by the code or the shell that runs the command, never by a config (which a
+  checkpoint could carry): ``allow_targets("mypkg.MyNet")`` in their code, or
+  ``DIFFUSION_LAB_ALLOWED_TARGETS="mypkg.MyNet mypkg.my_schedule"`` (names separated by spaces or commas).
+
+Modules that write, delete or fetch files (:data:`NEVER_FROM_CONF`) are refused even if a file under
+``conf/`` named one of their functions.
 
 ``check_arguments``: a config value of the wrong type (``trainer.max_steps=abc``) fails deep inside the
 instantiated class with a message that names neither the key nor the fix; it is checked first against the
@@ -12,14 +26,33 @@ target's annotations and refused with one line naming the key.
 
 from __future__ import annotations
 
+import functools
 import inspect
+import os
+import re
 import types
 import typing
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-__all__ = ["ALLOWED_TARGET_PREFIXES", "LEGACY_MODULES", "upgrade_targets", "check_targets", "check_arguments"]
+__all__ = [
+    "ENV_VAR",
+    "LAUNCH_TIME_KEYS",
+    "LEGACY_MODULES",
+    "LEGACY_TARGETS",
+    "NEVER_FROM_CONF",
+    "allow_targets",
+    "allowed_targets",
+    "conf_targets",
+    "upgrade_targets",
+    "check_targets",
+    "check_stored_config",
+    "check_arguments",
+]
 
 # Modules that lived at the top of the package before it was split into processes / training / utils:
 # a checkpoint written then names ``diffusion_lab.schedules.make_schedule``; it now lives in
@@ -66,11 +99,136 @@ def upgrade_targets(node: Any) -> Any:
     return node
 
 
-ALLOWED_TARGET_PREFIXES = ("diffusion_lab.", "torch.optim.", "lightning.")
+# ------------------------------------------------------------------------------------------ the allow-list
+
+ENV_VAR = "DIFFUSION_LAB_ALLOWED_TARGETS"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+# Top-level keys of a run config that only ``train.py`` builds, from the command line: their targets (the
+# Trainer and its strategy, ModelCheckpoint, loggers, Hydra's launchers, sweepers and callbacks) write files
+# where their arguments say or start processes, and no command instantiates them from a checkpoint.
+LAUNCH_TIME_KEYS = frozenset({"hydra", "hparams_search", "trainer", "callbacks", "logger", "paths"})
+
+# Targets that checkpoints of earlier versions of this project name (after ``upgrade_targets``), admitted
+# even where a file under conf/ no longer names them.
+LEGACY_TARGETS = frozenset(
+    {
+        "diffusion_lab.data.DiffusionDataModule",
+        "diffusion_lab.models.MLP",
+        "diffusion_lab.models.UNet",
+        "diffusion_lab.processes.diffusion.GaussianDiffusion",
+        "diffusion_lab.processes.edm.EDMDiffusion",
+        "diffusion_lab.processes.schedules.make_schedule",
+        "diffusion_lab.samplers.ddim_sample",
+        "diffusion_lab.samplers.ddpm_sample",
+        "diffusion_lab.samplers.dpm_solver_sample",
+        "diffusion_lab.samplers.euler_sample",
+        "diffusion_lab.samplers.heun_sample",
+        "diffusion_lab.training.optim.warmup_cosine",
+        "torch.optim.AdamW",
+    }
+)
+
+# Modules whose functions write, delete or fetch files or run programs: never admitted from conf/ (a config
+# naming one is a mistake that would turn every checkpoint into a way to write files).
+NEVER_FROM_CONF = (
+    "builtins",
+    "io",
+    "os",
+    "pathlib",
+    "shutil",
+    "subprocess",
+    "urllib",
+    "torch.hub",
+    "torch.save",
+    "torch.load",
+    "lightning.fabric.utilities.cloud_io",
+    "diffusion_lab.data.cache",
+    "diffusion_lab.data.download",
+    "diffusion_lab.training.checkpoint_io",
+    "diffusion_lab.training.run_lock",
+    "diffusion_lab.utils.fileio",
+    "diffusion_lab.utils.media",
+)
+
+_admitted: set[str] = set()
+
+
+def _never(target: str) -> bool:
+    return any(target == m or target.startswith(m + ".") for m in NEVER_FROM_CONF)
+
+
+def allow_targets(*targets: str) -> None:
+    """Admit the user's own classes or functions (exact dotted names, as in ``_target_``) for stored configs.
+
+    Call it from the code that loads the checkpoint (``allow_targets("mypkg.MyNet")``), or set
+    ``DIFFUSION_LAB_ALLOWED_TARGETS`` for the commands; a config cannot do either.
+    """
+    for t in targets:
+        if not isinstance(t, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", t):
+            raise ValueError(f"allow_targets: {t!r} is not a dotted name such as 'mypkg.models.MyNet'")
+        _admitted.add(t)
+
+
+def _package(path: Path, group: str) -> list[str]:
+    """Where the content of a conf/ file lands in the composed config (Hydra's ``# @package`` rules)."""
+    package = group.replace("/", ".")
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            m = re.match(r"#\s*@package\s+(\S+)", line)
+            if m:
+                package = m.group(1).replace("_group_", group.replace("/", "."))
+                package = "" if package == "_global_" else package.removeprefix("_global_.")
+    return [p for p in package.split(".") if p]
+
+
+def _yaml_targets(node: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "_target_":
+                yield path, v
+            else:
+                yield from _yaml_targets(v, [*path, str(k)])
+    elif isinstance(node, list):
+        for v in node:
+            yield from _yaml_targets(v, path)
+
+
+@functools.cache
+def _conf_targets(conf_dir: str) -> frozenset[str]:
+    found = set()
+    root = Path(conf_dir)
+    for path in sorted(root.rglob("*.yaml")):
+        group = path.parent.relative_to(root).as_posix().strip(".")
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        for keys, target in _yaml_targets(data, _package(path, group)):
+            if keys and keys[0] in LAUNCH_TIME_KEYS:
+                continue
+            if isinstance(target, str) and "${" not in target and not _never(target):
+                found.add(target)
+    return frozenset(found)
+
+
+def conf_targets(conf_dir: str | Path = CONF_DIR) -> frozenset[str]:
+    """Every ``_target_`` that the YAML files under ``conf_dir`` name outside :data:`LAUNCH_TIME_KEYS`
+    (read once per process), less those in :data:`NEVER_FROM_CONF`."""
+    return _conf_targets(str(conf_dir))
+
+
+def allowed_targets() -> frozenset[str]:
+    """The exact targets a stored config may instantiate: :func:`conf_targets`, :data:`LEGACY_TARGETS`,
+    those admitted by :func:`allow_targets` and those in ``$DIFFUSION_LAB_ALLOWED_TARGETS``."""
+    from_env = {t for t in re.split(r"[\s,]+", os.environ.get(ENV_VAR, "")) if t}
+    legacy = {t for t in LEGACY_TARGETS if not _never(t)}
+    return conf_targets() | legacy | _admitted | from_env
 
 
 def _walk_targets(node: Any, key: str):
-    """(dotted key of the ``_target_``, its value) for every ``_target_`` in ``node``, at any depth."""
+    """(dotted key of the ``_target_``, its value) for every ``_target_`` in ``node``, at any depth: also in
+    lists such as ``_args_``, and whatever ``_partial_`` or ``_recursive_`` say."""
     if isinstance(node, (DictConfig, dict)):
         items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else node.items()
         for k, v in items:
@@ -85,22 +243,40 @@ def _walk_targets(node: Any, key: str):
 
 
 def check_targets(node: Any, key: str, source: str = "config") -> None:
-    """Raise ValueError naming the first ``_target_`` in ``node`` outside ``ALLOWED_TARGET_PREFIXES``.
+    """Raise ValueError naming the first ``_target_`` in ``node`` that is not in :func:`allowed_targets`.
 
     Args:
-        node: a config (DictConfig or plain container), resolved.
+        node: a config (DictConfig or plain container); a DictConfig is resolved first, as ``instantiate``
+            would resolve it.
         key: its dotted name in the run config (``model``), used in the message (``model._target_``).
         source: where the config comes from, for the message (``checkpoint PATH``).
     """
-    if isinstance(node, DictConfig):
+    if isinstance(node, DictConfig | ListConfig):
         node = OmegaConf.to_container(node, resolve=True)
+    allowed = None
     for name, target in _walk_targets(node, key):
-        if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PREFIXES):
+        if not isinstance(target, str):
             raise ValueError(
-                f"{source}: {name}={target!r} refused: only targets under "
-                f"{', '.join(ALLOWED_TARGET_PREFIXES)} are instantiated from a stored config; "
+                f"{source}: {name}={target!r} refused: a target must be a dotted name (a string); "
                 "use a checkpoint from a source you trust, or retrain"
             )
+        allowed = allowed_targets() if allowed is None else allowed
+        if target not in allowed:
+            raise ValueError(
+                f"{source}: {name}={target!r} refused: a stored config instantiates only the classes and "
+                f"functions that the configs under conf/ name; if you trust this file and {target} is your "
+                f'own class, admit it with {ENV_VAR}={target} (README "Safe by default")'
+            )
+
+
+def check_stored_config(cfg: Any, source: str = "config") -> None:
+    """:func:`check_targets` on every top-level entry of a stored run config outside
+    :data:`LAUNCH_TIME_KEYS` (those are never instantiated from a stored config)."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    for key, node in cfg.items():
+        if str(key) not in LAUNCH_TIME_KEYS:
+            check_targets(node, str(key), source)
 
 
 # ----------------------------------------------------------------------------------- argument types

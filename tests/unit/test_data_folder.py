@@ -143,3 +143,15 @@ def test_label_layout_errors(tmp_path, digits):
         _dm(root, tmp_path, labels="subdir").prepare_data()
     with pytest.raises(ValueError, match="labels must be one of"):
         _dm(root, tmp_path, labels="filename")
+
+
+def test_cache_of_a_converting_run_does_not_hide_a_mixed_folder(tmp_path, digits):
+    """A warm cache from channels=3 must not let a channels=null run skip the mixed-channel check."""
+    root = tmp_path / "mixed"
+    root.mkdir()
+    Image.fromarray(digits[0][0]).convert("RGB").save(root / "a.png")  # first file colour: inferred 3
+    Image.fromarray(digits[1][0]).save(root / "b.png")
+    x, _ = _all(_dm(root, tmp_path, channels=3))  # warms the cache with both images as RGB
+    assert x.shape == (2, 3, 28, 28)
+    with pytest.raises(ValueError, match="mixed channel counts"):
+        _dm(root, tmp_path, channels=None).prepare_data()
