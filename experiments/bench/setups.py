@@ -117,7 +117,7 @@ def train_step(model_name: str, image_size: int, setup: TrainSetup, seed: int = 
     """A closure running one optimizer step of ``model_name`` on a fixed batch (returns the batch size),
     and the seconds its first two steps took (``torch.compile`` compiles in the first)."""
     torch.manual_seed(seed)
-    model = build_unet(model_name, image_size)
+    model = build_backbone(model_name, image_size)
     diffusion = make_diffusion()
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
