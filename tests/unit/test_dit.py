@@ -259,3 +259,13 @@ def test_a_few_steps_lower_the_loss_on_the_digits(tmp_path):
         opt.step()
     after = val_loss()
     assert after < 0.6 * before, (before, after)
+
+
+def test_backbone_study_backbones_are_matched_in_training_flops():
+    """experiments/backbones compares unet_tiny and two DiTs at equal training FLOPs per image (within 5%)."""
+    from experiments.backbones.match import TOLERANCE, measure
+
+    rows = measure()
+    assert set(rows) == {"unet_tiny", "dit_p4", "dit_p2"}
+    assert all(abs(r["vs_reference"] - 1) <= TOLERANCE for r in rows.values()), rows
+    assert rows["unet_tiny"]["train_gflop"] > 0.3  # the U-Net is counted, not skipped on the meta device
