@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from diffusion_lab.models.dit import DiT
 from diffusion_lab.models.embeddings import timestep_embedding
 from diffusion_lab.models.mlp import MLP
 from diffusion_lab.models.unet import UNet
 
-__all__ = ["UNet", "MLP", "count_parameters", "timestep_embedding"]
+__all__ = ["UNet", "MLP", "DiT", "count_parameters", "timestep_embedding"]
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -1,7 +1,8 @@
 """``make bench``: every benchmark section in one process run; writes results.json and results.md.
 
 python -m experiments.bench [--seconds 2.5] [--repeats 3] [--only training sampling ...] [--no-compile]
-    [--quality-ckpt CKPT --classifier PT --data-root HODA] [--hoda HODA] [--out experiments/bench]
+    [--quality-ckpt CKPT --classifier PT --data-root HODA] [--hoda HODA] [--dit-models dit_tiny ...]
+    [--out experiments/bench]
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import diffusion_lab  # noqa: F401, I001  (first: OpenMP's settings, before torc
 from experiments.bench.machine import describe_machine
 from experiments.bench.report import to_markdown
 
-SECTIONS = ("peaks", "training", "numerics", "threads", "sampling", "quality", "peer", "loader")
+SECTIONS = ("peaks", "training", "numerics", "threads", "sampling", "quality", "peer", "loader", "dit")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,6 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data-root", default=None, help="where the checkpoint's dataset lives now")
     default_hoda = Path(os.environ.get("DIFFUSION_LAB_SHARED_DATA", "../shared/data")) / "hoda"
     p.add_argument("--hoda", default=str(default_hoda), help="Hoda files for the loader section")
+    p.add_argument(
+        "--dit-models",
+        nargs="+",
+        default=None,
+        help="conf/model/dit_* sizes of the dit section (default: dit_tiny dit_tiny2 dit_s4 dit_s2)",
+    )
     p.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = p.parse_args(argv)
     compile_ = not args.no_compile
@@ -82,6 +89,12 @@ def main(argv: list[str] | None = None) -> None:
         from experiments.bench.loader import run_loader
 
         section("loader", lambda: run_loader(args.hoda, None, min(args.seconds, 2.0)))
+
+    if "dit" in args.only:
+        from experiments.bench.dit import DEFAULT_MODELS, run_dit
+
+        models = tuple(args.dit_models or DEFAULT_MODELS)
+        section("dit", lambda: run_dit(r.get("peaks", {}), args.seconds, args.repeats, compile_, models))
 
     r["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     r["wall_minutes"] = round((time.perf_counter() - start) / 60, 1)

@@ -196,4 +196,47 @@ def to_markdown(r: dict) -> str:
                 for x in r["loader"]
             ],
         )
+    if "dit" in r:
+        lines += [
+            "## Diffusion Transformers (32x32, one channel, v objective, 1 thread; "
+            "sampling: DPM-Solver++(2M), 20 network evaluations)",
+            "",
+            "GFLOP per image: forward + backward for training, 20 forwards for sampling, attention included. "
+            '"% of peak": of the measured 1-thread matmul peak of the row\'s dtype; "% of bf16 peak": of the '
+            "bf16 one.",
+            "",
+        ]
+        lines += _table(
+            [
+                "model",
+                "parameters",
+                "work",
+                "variant",
+                "batch",
+                "images/s",
+                "per CPU-s",
+                "GFLOP / image",
+                "GFLOP/s",
+                "% of peak",
+                "% of bf16 peak",
+                "compile s",
+            ],
+            [
+                [
+                    x["model"],
+                    f"{x['parameters'] / 1e6:.2f}M",
+                    x["work"],
+                    x["variant"],
+                    x["batch"],
+                    x["images_per_s"],
+                    x["images_per_cpu_s"],
+                    x["gflop_per_image"],
+                    x["achieved_gflops"],
+                    x["pct_of_peak"],
+                    x["pct_of_bf16_peak"],
+                    x["compile_seconds"],
+                ]
+                for x in r["dit"]
+            ],
+        )
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from diffusion_lab.samplers import get_sampler, sample
-from experiments.bench.setups import autocast, build_unet, flops_per_image, make_diffusion
+from experiments.bench.setups import autocast, build_backbone, flops_per_image, make_diffusion
 from experiments.bench.timing import interleave
 
 __all__ = ["run_sampling_speed", "run_sampling_quality", "SAMPLERS"]
@@ -36,16 +36,24 @@ def _variants(model: torch.nn.Module, compile_: bool) -> dict:
 
 
 def run_sampling_speed(
-    size: int = 32, n: int = 32, seconds: float = 3.0, repeats: int = 2, compile_: bool = True, log=print
+    size: int = 32,
+    n: int = 32,
+    seconds: float = 3.0,
+    repeats: int = 2,
+    compile_: bool = True,
+    log=print,
+    model_name: str = "unet_tiny",
+    samplers: dict[str, tuple[str, int]] = SAMPLERS,
 ) -> list[dict]:
+    """Images/s of ``samplers`` ({key: (sampler, steps)}) with ``conf/model/<model_name>``, n images a run."""
     torch.manual_seed(0)
-    model = build_unet("unet_tiny", size).eval()
+    model = build_backbone(model_name, size).eval()
     diffusion = make_diffusion()
     fwd = flops_per_image(model, (1, size, size), backward=False)
     variants = _variants(model, compile_)
     cases, nfe, compile_s = {}, {}, {}
     for vname, (m, bf16) in variants.items():
-        for sname, (sampler, steps) in SAMPLERS.items():
+        for sname, (sampler, steps) in samplers.items():
 
             def run(m=m, bf16=bf16, sampler=sampler, steps=steps) -> int:
                 with torch.no_grad(), autocast(bf16):
@@ -67,8 +75,8 @@ def run_sampling_speed(
         row = {
             "sampler": sname,
             "variant": vname,
-            "images_per_s": round(t["ips"], 1),
-            "images_per_cpu_s": round(t["ips_cpu"], 1),
+            "images_per_s": round(t["ips"], 2),
+            "images_per_cpu_s": round(t["ips_cpu"], 2),
             "vs_fp32": round(t["ips"] / ref, 2),
             "achieved_gflops": round(t["ips"] * nfe[sname] * fwd / 1e9, 1),
             "compile_seconds": compile_s.get(vname),

@@ -10,15 +10,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from diffusion_lab.models import UNet
 from diffusion_lab.processes.diffusion import GaussianDiffusion
 from diffusion_lab.processes.schedules import make_schedule
 
-__all__ = ["TrainSetup", "build_unet", "make_diffusion", "flops_per_image", "train_step", "autocast"]
+__all__ = [
+    "TrainSetup",
+    "build_unet",
+    "build_backbone",
+    "make_diffusion",
+    "flops_per_image",
+    "train_step",
+    "autocast",
+]
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -30,6 +39,19 @@ def build_unet(name: str, image_size: int, channels: int = 1) -> UNet:
     return UNet(in_channels=channels, out_channels=channels, image_size=image_size, **kw)
 
 
+def build_backbone(
+    name: str, image_size: int, channels: int = 1, num_classes: int | None = None
+) -> nn.Module:
+    """Any backbone of ``conf/model/<name>.yaml`` (U-Net, DiT, MLP), built as ``train.py`` builds it."""
+    return instantiate(
+        OmegaConf.load(CONF / "model" / f"{name}.yaml"),
+        in_channels=channels,
+        out_channels=channels,
+        image_size=image_size,
+        num_classes=num_classes,
+    )
+
+
 def make_diffusion(schedule: str = "sigmoid", objective: str = "v") -> GaussianDiffusion:
     return GaussianDiffusion(make_schedule(schedule, 1000), parameterization=objective)
 
@@ -39,15 +61,32 @@ def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows the GPU attention kernels but not the CPU one that F.scaled_dot_product_attention
+# dispatches to here (torch 2.x): without these, attention (QK^T and AV) would count as free.
+SDPA_CPU_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+}
+
+
 def flops_per_image(model: nn.Module, shape: tuple[int, int, int], backward: bool = True, call=None) -> float:
     """FLOPs of one image through ``model`` (forward, + backward), counted by ``FlopCounterMode``.
 
-    ``call(model, x)`` runs the model (default ``model(x, t)`` with random timesteps); batch 2, divided.
+    ``call(model, x)`` runs the model (default ``model(x, t)`` with random timesteps); batch 2, divided. A
+    multiply-add counts as two FLOPs; attention's QK^T and AV are counted (``SDPA_CPU_FLOPS``).
     """
     model = copy.deepcopy(model)
     x = torch.randn(2, *shape)
     call = call or (lambda m, x: m(x, torch.randint(0, 1000, (x.shape[0],))))
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=SDPA_CPU_FLOPS) as counter:
         if backward:
             call(model, x).float().sum().backward()
         else:
@@ -78,7 +117,7 @@ def train_step(model_name: str, image_size: int, setup: TrainSetup, seed: int = 
     """A closure running one optimizer step of ``model_name`` on a fixed batch (returns the batch size),
     and the seconds its first two steps took (``torch.compile`` compiles in the first)."""
     torch.manual_seed(seed)
-    model = build_unet(model_name, image_size)
+    model = build_backbone(model_name, image_size)
     diffusion = make_diffusion()
     if setup.channels_last:
         model = model.to(memory_format=torch.channels_last)
