@@ -134,6 +134,19 @@ def _child(name: str, args, limit: float) -> dict:
     return rec
 
 
+def _write(out: Path, results: dict) -> str:
+    """results.json, then results.md (a bug in the report must not cost the measurements)."""
+    from experiments.gpu_check.report import to_markdown
+
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    try:
+        md = to_markdown(results)
+    except Exception as e:  # noqa: BLE001
+        md = f"(results.md could not be written: {type(e).__name__}: {e}; see results.json)\n"
+    (out / "results.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="The GPU path, checked in a few minutes (make gpu-check).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         _run_section(args.section, Ctx(args.device, args.tiny, out))
         return 0
 
-    from experiments.gpu_check.report import add_mfu, failures, to_markdown
+    from experiments.gpu_check.report import add_mfu, failures
 
     out.mkdir(parents=True, exist_ok=True)
     budget = args.budget or (600.0 if args.tiny else 420.0)
@@ -205,15 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         results["wall_seconds"] = round(time.perf_counter() - start, 1)
         add_mfu(results)
         results["failures"] = failures(results)
-        (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-        (out / "results.md").write_text(to_markdown(results))
+        _write(out, results)
     results["wall_seconds"] = round(time.perf_counter() - start, 1)
     add_mfu(results)
     results["failures"] = failures(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    md = to_markdown(results)
-    (out / "results.md").write_text(md)
-    print("\n" + md, flush=True)
+    print("\n" + _write(out, results), flush=True)
     print(f"wrote {out / 'results.md'} and results.json ({results['wall_seconds']} s)", flush=True)
     return 1 if results["failures"] else 0
 

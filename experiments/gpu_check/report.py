@@ -77,7 +77,7 @@ def to_markdown(results: dict) -> str:
         for r in sec.get("rows", []):
             if "skipped" in r:
                 rows.append(
-                    [sec.get("model"), "", "", r["setup"], "skipped: " + r["skipped"], "", "", "", "", ""]
+                    [sec.get("model"), "", "", r.get("setup"), "skipped: " + r["skipped"], "", "", "", "", ""]
                 )
                 continue
             rows.append(
@@ -85,12 +85,12 @@ def to_markdown(results: dict) -> str:
                     sec.get("model"),
                     f"{sec.get('parameters', 0) / 1e6:.1f}M",
                     sec.get("gflop_per_image_train"),
-                    r["setup"],
-                    r["images_per_s"],
+                    r.get("setup"),
+                    r.get("images_per_s"),
                     r.get("vs_fp32_eager"),
-                    r["achieved_tflops"],
+                    r.get("achieved_tflops"),
                     r.get("mfu_pct"),
-                    r["first_step_s"],
+                    r.get("first_step_s"),
                     r.get("peak_memory_gib"),
                 ]
             )
@@ -156,7 +156,7 @@ def to_markdown(results: dict) -> str:
     lines += _table(
         ["sampler", "precision", "NFE", "img/s", "s per batch"],
         [
-            [r["sampler"], r["precision"], r["nfe"], r["images_per_s"], r["seconds_per_batch"]]
+            [r["sampler"], r["precision"], r["nfe"], r.get("images_per_s"), r["seconds_per_batch"]]
             for r in sp.get("rows", [])
         ],
     )
