@@ -138,6 +138,7 @@ def to_markdown(results: dict) -> str:
             "status",
             "steps",
             "seconds (incl. compile)",
+            "img/s (ThroughputMonitor)",
             "loss first fifth -> last fifth",
             "reloaded model loss",
         ],
@@ -146,6 +147,7 @@ def to_markdown(results: dict) -> str:
                 t.get("status"),
                 t.get("global_step"),
                 t.get("train_seconds"),
+                t.get("lightning_images_per_s_last"),
                 f"{t.get('loss_first_fifth')} -> {t.get('loss_last_fifth')}",
                 t.get("reloaded_model_loss"),
             ]
@@ -156,7 +158,7 @@ def to_markdown(results: dict) -> str:
     lines += _table(
         ["sampler", "precision", "NFE", "img/s", "s per batch"],
         [
-            [r["sampler"], r["precision"], r["nfe"], r.get("images_per_s"), r["seconds_per_batch"]]
+            [r.get(k) for k in ("sampler", "precision", "nfe", "images_per_s", "seconds_per_batch")]
             for r in sp.get("rows", [])
         ],
     )

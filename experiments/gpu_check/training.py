@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from experiments.gpu_check.common import Ctx, Record, compose_run_config
+from experiments.gpu_check.common import Ctx, Record, compose_run_config, first_line
 
-__all__ = ["run_training", "training_overrides", "read_losses"]
+__all__ = ["run_training", "training_overrides", "read_log"]
 
 
 def training_overrides(ctx: Ctx, steps: int) -> list[str]:
@@ -32,17 +32,13 @@ def training_overrides(ctx: Ctx, steps: int) -> list[str]:
     ] + (["optimizer.lr=1e-3"] if ctx.tiny else [])
 
 
-def read_losses(run_dir) -> list[tuple[int, float]]:
-    """(step, train/loss) rows of the run's CSV log."""
+def read_log(run_dir, key: str) -> list[tuple[int, float]]:
+    """(step, value) rows of ``key`` (e.g. "train/loss") in the run's CSV log."""
     files = sorted(run_dir.rglob("metrics.csv"))
     if not files:
         raise FileNotFoundError(f"no metrics.csv under {run_dir}")
-    out = []
     with files[0].open() as f:
-        for row in csv.DictReader(f):
-            if row.get("train/loss"):
-                out.append((int(row["step"]), float(row["train/loss"])))
-    return out
+        return [(int(row["step"]), float(row[key])) for row in csv.DictReader(f) if row.get(key)]
 
 
 def run_training(ctx: Ctx, rec: Record) -> None:
@@ -57,13 +53,28 @@ def run_training(ctx: Ctx, rec: Record) -> None:
     rec.update(overrides=overrides, steps=steps, model=cfg.model._target_, compile=bool(cfg.compile))
     rec.update(precision=str(cfg.trainer.precision), channels_last=bool(cfg.channels_last))
     start = time.perf_counter()
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Exception as e:
+        if not cfg.compile:
+            raise
+        # a compile failure must not hide the rest: record it, then check the rest without compile
+        rec["compile_error"] = first_line(e)
+        rec.check("trained with compile=true", False, rec["compile_error"])
+        print(f"  compile=true failed ({rec['compile_error']}); again with compile=false", flush=True)
+        run_dir = ctx.out / "work" / "training_eager"
+        cfg = compose_run_config(ctx, overrides + ["compile=false"], run_dir)
+        start = time.perf_counter()
+        result = train(cfg)
     rec["train_seconds"] = round(time.perf_counter() - start, 1)
     rec["global_step"] = result["global_step"]
     rec["parameters"] = result["num_parameters"]
     rec.check("all steps ran", result["global_step"] == steps, result["global_step"])
 
-    losses = read_losses(run_dir / "run")
+    # Lightning's ThroughputMonitor (conf/callbacks): images/s with the loader's host-to-device copy
+    ips = read_log(run_dir / "run", "train/device/samples_per_sec")
+    rec["lightning_images_per_s_last"] = round(ips[-1][1], 1) if ips else None
+    losses = read_log(run_dir / "run", "train/loss")
     values = [v for _, v in losses]
     k = max(1, len(values) // 5)
     first, last = sum(values[:k]) / k, sum(values[-k:]) / k

@@ -31,7 +31,7 @@ def test_gpu_check_tiny_on_cpu(tmp_path, run_command):
     assert s["env"]["peak_tflops"]["fp32"] > 0
     for model in ("unet_small", "unet_cifar"):
         rows = [row for row in s[f"speed_{model}"]["rows"] if "images_per_s" in row]
-        assert [row["setup"] for row in rows] == ["fp32 eager", "bf16 eager"]
+        assert [row["setup"] for row in rows] == ["fp32 eager", "bf16 eager", "bf16 eager + fused AdamW"]
         assert all(row["images_per_s"] > 0 and row["mfu_pct"] > 0 for row in rows)
     t = s["training"]
     assert t["global_step"] == t["steps"] and t["loss_last_fifth"] < t["loss_first_fifth"]
