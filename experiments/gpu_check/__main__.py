@@ -11,9 +11,11 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -98,7 +100,7 @@ def _child(name: str, args, limit: float) -> dict:
     result_file.unlink(missing_ok=True)
     log = out / "logs" / f"{name}.log"
     cmd = [sys.executable, "-m", "experiments.gpu_check", "--section", name, "--device", args.device]
-    cmd += ["--out", str(out)] + ["--tiny"] * args.tiny
+    cmd += ["--out", str(out), "--work", args.work] + ["--tiny"] * args.tiny
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -154,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         "--tiny", action="store_true", help="toy sizes: the same code paths in seconds (CPU tests)"
     )
     p.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"), help="results folder")
+    p.add_argument(
+        "--work",
+        default=None,
+        help="run folders, checkpoints, data cache (default: a new temporary folder, removed at the end)",
+    )
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary --work folder")
     p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU 420, tiny 600)")
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None, help="run only these sections")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # one section, in this process
@@ -170,12 +178,15 @@ def main(argv: list[str] | None = None) -> int:
         import diffusion_lab  # noqa: F401 (first: the project's CPU settings and config resolvers)
         from experiments.gpu_check.common import Ctx
 
-        _run_section(args.section, Ctx(args.device, args.tiny, out))
+        _run_section(args.section, Ctx(args.device, args.tiny, out, Path(args.work)))
         return 0
 
     from experiments.gpu_check.report import add_mfu, failures
 
     out.mkdir(parents=True, exist_ok=True)
+    own_work = args.work is None
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_")) if own_work else Path(args.work).resolve()
+    args.work = str(work)
     budget = args.budget or (600.0 if args.tiny else 420.0)
     command = "python -m experiments.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
@@ -223,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     add_mfu(results)
     results["failures"] = failures(results)
     print("\n" + _write(out, results), flush=True)
+    if own_work and not args.keep_work:
+        shutil.rmtree(work, ignore_errors=True)  # the temporary folder made above
     print(f"wrote {out / 'results.md'} and results.json ({results['wall_seconds']} s)", flush=True)
     return 1 if results["failures"] else 0
 

@@ -44,7 +44,7 @@ def run_ddp(ctx: Ctx, rec: Record, compile: bool = False) -> None:
         ]
     )
     overrides = [o for o in overrides if o != "trainer.accelerator=cpu"]  # ddp_cpu says so itself
-    cfg = compose_run_config(ctx, overrides, ctx.out / "work" / name)
+    cfg = compose_run_config(ctx, overrides, ctx.work / name)
     rec.update(overrides=overrides, steps=steps, visible_gpus=torch.cuda.device_count() if ctx.cuda else 0)
     rec["strategy"] = str(
         cfg.trainer.strategy if isinstance(cfg.trainer.strategy, str) else cfg.trainer.strategy._target_

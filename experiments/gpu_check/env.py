@@ -65,6 +65,9 @@ def run_env(ctx: Ctx, rec: Record) -> None:
     rec["packages"] = _versions()
     rec["torch_cuda"] = torch.version.cuda
     rec["cpu_count"] = os.cpu_count()
+    # what fp32 runs on by default (the fp32 eager rows): cuDNN convolutions in TF32, matmuls in full fp32
+    rec["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    rec["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
     if ctx.cuda:
         ok = rec.check("cuda_available", torch.cuda.is_available())
         if not ok:

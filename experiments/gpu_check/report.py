@@ -126,10 +126,11 @@ def to_markdown(results: dict) -> str:
     )
     lines += [
         "",
-        "Setups: fp32 eager = 32-true, NCHW, foreach AdamW; bf16 eager = bf16-mixed autocast, "
-        "channels_last (U-Nets), fused AdamW; trainer=gpu = the same plus torch.compile (its first step "
-        "includes the compile). MFU: forward FLOPs (FlopCounterMode) x 3 per image against this run's "
-        "matmul peak of the precision.",
+        "Setups: fp32 eager = 32-true, NCHW, foreach AdamW (torch's default); bf16 eager = bf16-mixed "
+        "autocast, channels_last (U-Nets); trainer=gpu = the same plus torch.compile (its first step "
+        "includes the compile); + fused AdamW = the same model with AdamW(fused=True), which Lightning "
+        "refuses beside gradient clipping under mixed precision. MFU: forward FLOPs (FlopCounterMode) x 3 "
+        "per image against this run's matmul peak of the precision.",
     ]
     t = s.get("training", {})
     lines += ["", "## experiment=cifar10_ddpm-shaped training (digits as 3x32x32, train() + Lightning)", ""]

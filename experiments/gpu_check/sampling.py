@@ -41,7 +41,7 @@ def run_sampling(ctx: Ctx, rec: Record) -> None:
 
     if ctx.cuda:
         torch.backends.cudnn.benchmark = True
-    module = _unet_cifar(ctx, ctx.out / "work" / "sampling")
+    module = _unet_cifar(ctx, ctx.work / "sampling")
     batch = 4 if ctx.tiny else 256
     shape = (batch, 3, ctx.image_size, ctx.image_size)
     rec.update(batch=batch, image_size=ctx.image_size, model="unet_cifar (random weights)", rows=[])
@@ -112,7 +112,7 @@ def run_fid(ctx: Ctx, rec: Record) -> None:
     from diffusion_lab.metrics.train_classifier import train_classifier
 
     size = ctx.image_size
-    dm = DiffusionDataModule(name="digits", image_size=size, channels=3, cache_dir=ctx.out / "cache")
+    dm = DiffusionDataModule(name="digits", image_size=size, channels=3, cache_dir=ctx.work / "cache")
     dm.prepare_data()
     x, y = dm.real_images("train")
     xt, yt = dm.real_images("val")

@@ -112,7 +112,7 @@ def run_speed(ctx: Ctx, rec: Record, model_name: str | None) -> None:
         rec["status"] = "skipped"
         rec["reason"] = "no DiT in this tree (diffusion_lab.models.dit and conf/model/dit*.yaml)"
         return
-    run_dir = ctx.out / "work" / f"speed_{model_name}"
+    run_dir = ctx.work / f"speed_{model_name}"
     cfg = compose_run_config(
         ctx, ctx.base_overrides() + [f"model={model_name}"] + ctx.model_overrides(model_name), run_dir
     )

@@ -47,7 +47,7 @@ def run_training(ctx: Ctx, rec: Record) -> None:
     from diffusion_lab.training.checkpoint import load_module, read_checkpoint
 
     steps = 24 if ctx.tiny else 400
-    run_dir = ctx.out / "work" / "training"
+    run_dir = ctx.work / "training"
     overrides = ctx.base_overrides() + ctx.model_overrides("unet_cifar") + training_overrides(ctx, steps)
     cfg = compose_run_config(ctx, overrides, run_dir)
     rec.update(overrides=overrides, steps=steps, model=cfg.model._target_, compile=bool(cfg.compile))
@@ -62,7 +62,7 @@ def run_training(ctx: Ctx, rec: Record) -> None:
         rec["compile_error"] = first_line(e)
         rec.check("trained with compile=true", False, rec["compile_error"])
         print(f"  compile=true failed ({rec['compile_error']}); again with compile=false", flush=True)
-        run_dir = ctx.out / "work" / "training_eager"
+        run_dir = ctx.work / "training_eager"
         cfg = compose_run_config(ctx, overrides + ["compile=false"], run_dir)
         start = time.perf_counter()
         result = train(cfg)
@@ -115,7 +115,7 @@ def run_training(ctx: Ctx, rec: Record) -> None:
     from diffusion_lab.data import DiffusionDataModule
 
     dm = DiffusionDataModule(
-        name="digits", image_size=ctx.image_size, channels=3, batch_size=64, cache_dir=ctx.out / "cache"
+        name="digits", image_size=ctx.image_size, channels=3, batch_size=64, cache_dir=ctx.work / "cache"
     )
     dm.prepare_data()
     real = dm.real_images("train", n=64)[0].to(ctx.device).float() / 127.5 - 1
