@@ -52,6 +52,8 @@ def to_markdown(results: dict) -> str:
             "Toy sizes (`--tiny`): these numbers check that the command works, they measure nothing.",
             "",
         ]
+    if results["device"] == "cpu":
+        lines += ["A CPU run: the GPU path (`trainer=gpu`, NCCL DDP) is not measured by it.", ""]
     pkgs = env.get("packages", {})
     lines += _table(
         ["device", "memory GiB", "torch", "CUDA", "Lightning", "peak TFLOP/s (bf16 / tf32 / fp32)"],
