@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test lint format bench clean
+.PHONY: install train test lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench $(ARGS)
+
+# the GPU path (trainer=gpu, DDP, sampling, FID plumbing) in a few minutes; ARGS="--device cpu --tiny" on a CPU
+gpu-check: $(STAMP)
+	$(PY) -m experiments.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
