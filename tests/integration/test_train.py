@@ -194,7 +194,7 @@ def test_callback_configs_build(tmp_path, option):
     cfg = _compose(tmp_path, f"callbacks={option}")
     built = [instantiate(node) for node in (cfg.callbacks or {}).values()]
     assert all(isinstance(cb, pl.Callback) for cb in built), option
-    assert any(isinstance(cb, EMA) for cb in built) == (option == "default"), option
+    assert any(isinstance(cb, EMA) for cb in built) == (option in ("default", "phema")), option
 
 
 @pytest.mark.parametrize("option", GROUPS["metrics"])
