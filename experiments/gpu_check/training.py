@@ -97,7 +97,11 @@ def run_training(ctx: Ctx, rec: Record) -> None:
     module, _, _ = load_module(path, map_location=ctx.device, ema=True)
     module.eval()
     n = 4 if ctx.tiny else 16
-    with torch.no_grad(), torch.autocast("cuda" if ctx.cuda else "cpu", torch.bfloat16, enabled=ctx.cuda):
+    # fp32: on the H200 (torch 2.11), bf16 autocast around this sampling call, in the process that had just
+    # run the compiled bf16 fit, failed at the U-Net's input conv with "Input type (c10::BFloat16) and bias
+    # type (float)" (gpu_check/results.md); bf16 sampling in a fresh process (the sampling section,
+    # and the sample / evaluate commands) ran. The round trip checks weights, so it samples in fp32.
+    with torch.no_grad():
         x = sample(
             module.model,
             module.diffusion,
