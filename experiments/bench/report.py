@@ -41,8 +41,12 @@ def to_markdown(r: dict) -> str:
                     v["best_gflops_cpu_time"],
                 ]
                 for k, v in r["peaks"].items()
+                if isinstance(v, dict)
             ],
         )
+        if r["peaks"].get("bf16_n", 2048) != 2048:
+            n = r["peaks"]["bf16_n"]
+            lines += [f"bf16 measured at {n} x {n}: this CPU has no bf16 units (a conversion path).", ""]
     if "training" in r:
         lines += [
             "## Training throughput (one optimizer step on a fixed batch; v objective, sigmoid schedule)",
