@@ -5,8 +5,9 @@ A step is the one ``experiments.bench.setups.train_step`` times (forward + loss,
 precision the CPU trainer picks (``bf16-mixed`` only on a CPU with bf16 units). Every profiled event's self
 time goes to one group: the phase (``record_function`` ranges around forward, backward and the optimizer)
 and the outermost enclosing operator that names a kind of work (a convolution, attention, GroupNorm, a
-Linear, a dtype cast); what matches none is "elementwise and other". "python and framework" is the step's
-wall time that no operator accounts for (the interpreter, autograd's bookkeeping, the profiler itself).
+Linear, a dtype cast); what matches none is "elementwise and other". "python and framework" is the self time
+of the phase ranges and of autograd's per-node wrappers (the interpreter between operators, autograd's
+bookkeeping) plus the step's wall time that no event accounts for; the profiler's own cost inflates it.
 With ``lightning``, one step through the project's LightningModule and a ``Trainer`` is timed beside the bare
 step (the Lightning loop's cost per step).
 """
@@ -61,6 +62,8 @@ def _group(event) -> str:
         chain.append(e.name)
         e = e.cpu_parent
     chain.reverse()  # outermost first
+    if event.name.startswith(("bench::", "autograd::engine::")):
+        return "python and framework"  # the interpreter between operators, autograd's own bookkeeping
     phase = next((n.removeprefix("bench::") for n in chain if n.startswith("bench::")), None)
     if phase == "optimizer":
         return "optimizer (AdamW)"
