@@ -6,6 +6,7 @@ weights, data order and noise, beside an fp32 run with another seed (the noise f
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -36,8 +37,11 @@ def _train(
     if compile_:
         model.compile()
     g = torch.Generator().manual_seed(seed)  # data order, t and eps
-    losses = []
-    for _ in range(steps):
+    losses, start, first = [], time.perf_counter(), None
+    for i in range(steps):
+        if i == 1:
+            first = time.perf_counter() - start  # compiles here when compiled
+            start = time.perf_counter()
         x0 = x[torch.randint(0, len(x), (batch,), generator=g)]
         t = diffusion.sample_timesteps(batch, generator=g)
         eps = torch.randn(x0.shape, generator=g)
@@ -48,7 +52,11 @@ def _train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(loss.item())
-    return model.eval(), losses
+    seconds = {
+        "first_step": round(first, 2),
+        "per_step_after": round((time.perf_counter() - start) / (steps - 1), 4),
+    }
+    return model.eval(), losses, seconds
 
 
 @torch.no_grad()
@@ -94,12 +102,13 @@ def run_numerics(
     out["window"] = window
     curves = {}
     for name, (bf16, seed, comp) in runs.items():
-        model, losses = _train(x_train, diffusion, bf16, seed, steps, batch, comp)
+        model, losses, seconds = _train(x_train, diffusion, bf16, seed, steps, batch, comp)
         curves[name] = _windows(losses, window)
         bpd, se = _val_bpd(model, diffusion, x_val, draws, bf16=False)
         run = {
             "loss_windows": [round(v, 4) for v in curves[name]],
             "val_bpd_fp32_eval": [round(bpd, 3), round(se, 3)],
+            "seconds": seconds,
         }
         if bf16:
             bpd16, se16 = _val_bpd(model, diffusion, x_val, draws, bf16=True)

@@ -114,7 +114,7 @@ def profile_step(model_name: str, size: int, setup: TrainSetup, steps: int = 3) 
         if e.device_type == torch.autograd.DeviceType.CPU and e.self_cpu_time_total > 0:
             ms[_group(e)] += e.self_cpu_time_total / 1000 / steps
     step_ms = wall * 1000 / steps
-    ms["python and framework"] = max(0.0, step_ms - sum(ms.values()))
+    ms["python and framework"] += max(0.0, step_ms - sum(ms.values()))
     # with one thread the operators' CPU time sums to the wall time; with more it can exceed it
     return {"step_ms": step_ms, "groups_ms": dict(ms)}
 

@@ -104,6 +104,8 @@ def training_cases(compile_: bool, bf16_units: bool = True) -> list[tuple[str, i
     }
     if bf16_units:
         tiny16["bf16"] = TrainSetup(bf16=True, batch=64)
+    if compile_:  # the `make train` shape: does compile=true pay within a 3,000-step run?
+        tiny16[f"{prec}_compile"] = TrainSetup(bf16=bf16_units, batch=64, compile=True)
     return [("unet_tiny", 32, tiny32), ("unet_tiny", 16, tiny16), ("unet_small", 32, small32)]
 
 
