@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             r[name] = fn()
             print(f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    from experiments.bench.training import matmul_peaks, run_training
+    from experiments.bench.training import matmul_peaks, peak_shares, run_training
 
     section("peaks", matmul_peaks)
     if "profile" in args.only:
@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> None:
         r = {**old, **{k: v for k, v in r.items() if k in SECTIONS or k == "machine"}, "parts": parts}
         r["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         r["wall_minutes"] = round(sum(p.get("wall_minutes") or 0 for p in parts), 1)
+        for row in r.get("training") or []:
+            row.update(peak_shares(row, r.get("peaks") or {}))
         r["targets"] = evaluate_targets(r)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(r, indent=1) + "\n")

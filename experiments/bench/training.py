@@ -10,7 +10,7 @@ from diffusion_lab.utils.cpu import default_cpu_precision
 from experiments.bench.setups import TrainSetup, build_unet, flops_per_image, train_step
 from experiments.bench.timing import interleave
 
-__all__ = ["matmul_peaks", "training_cases", "run_training"]
+__all__ = ["matmul_peaks", "training_cases", "run_training", "peak_shares"]
 
 
 def matmul_peaks(threads: tuple[int, ...] = (1, 2), n: int = 2048, repeats: int = 5) -> dict:
@@ -49,6 +49,19 @@ def matmul_peaks(threads: tuple[int, ...] = (1, 2), n: int = 2048, repeats: int 
                 "best_gflops_cpu_time": round(max(cpus[dt]), 1) if t == 1 else None,
             }
     return out
+
+
+def peak_shares(row: dict, peaks: dict) -> dict:
+    """A training row's share of the matmul peak of its dtype and thread count (wall clock, and for one
+    thread by CPU time), from ``peaks`` (possibly measured in another part of a merged bench)."""
+    key = f"{'bf16' if row['setup'].startswith('bf16') else 'fp32'}_{row['setup'].count('2 threads') + 1}t"
+    peak = peaks.get(key, {})
+    flops = row["gflop_per_image"]
+    wall, cpu = peak.get("best_gflops"), peak.get("best_gflops_cpu_time")
+    return {
+        "pct_of_matmul_peak": round(100 * row["images_per_s"] * flops / wall, 1) if wall else None,
+        "pct_of_matmul_peak_cpu_time": round(100 * row["images_per_cpu_s"] * flops / cpu, 1) if cpu else None,
+    }
 
 
 def training_cases(compile_: bool, bf16_units: bool = True) -> list[tuple[str, int, dict[str, TrainSetup]]]:
