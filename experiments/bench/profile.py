@@ -25,8 +25,9 @@ from experiments.bench.setups import TrainSetup, autocast, build_backbone, make_
 __all__ = ["classify", "profile_step", "run_profile", "GROUP_ORDER"]
 
 # (group, substrings of a lower-cased operator or autograd-node name); the first pattern that matches the
-# outermost named ancestor decides. Casts first: autocast's casts are ``aten::_to_copy`` (forward) and
-# ``ToCopyBackward0`` (backward), wherever they sit.
+# outermost named ancestor decides, except for casts: autocast's casts are ``aten::_to_copy`` (forward) and
+# ``ToCopyBackward0`` (backward) and count as casts wherever they sit (autocast runs them inside the operator
+# that needs them, e.g. under ``aten::conv2d``).
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("dtype casts", ("_to_copy", "tocopybackward")),
     ("attention", ("scaled_dot_product", "attention")),
@@ -47,9 +48,12 @@ GROUP_ORDER = [f"{kind} {phase}" for kind, _ in KINDS for phase in ("forward", "
 def classify(names: list[str]) -> str:
     """The kind of work of an event from its ancestors' names, outermost first (e.g. ``["aten::conv2d",
     "aten::mkldnn_convolution"]`` -> "convolutions")."""
-    for name in names:
-        low = name.lower()
-        for kind, patterns in KINDS:
+    lows = [n.lower() for n in names]
+    cast, cast_patterns = KINDS[0]
+    if any(p in low for low in lows for p in cast_patterns):
+        return cast  # autocast's casts run inside the operator that asked for them
+    for low in lows:
+        for kind, patterns in KINDS[1:]:
             if any(p in low for p in patterns):
                 return kind
     return "elementwise and other"
