@@ -1,16 +1,17 @@
 """CPU runtime settings that must be in place before torch starts its OpenMP thread pool.
 
 torch's CPU kernels run on an OpenMP team (GNU libgomp in the pip wheels). Every operator is a parallel
-region that ends in a barrier, and a thread that reaches the barrier first spins for a while before it
-sleeps. libgomp's default spins 300,000 times (``OMP_DISPLAY_ENV=VERBOSE`` shows ``GOMP_SPINCOUNT``): on an
-idle machine that is the fastest way to wait, but beside a busy process it is the two-thread stall (our
-second thread shares a core with the other process, the first spins at thousands of barriers per step).
-``OMP_WAIT_POLICY=PASSIVE`` (spin 0) avoids the stall but gives up much of the two-thread gain on idle
-cores, since every wake-up then goes through the kernel. The default here is a bounded spin
-(``GOMP_SPINCOUNT``, see ``CPU_ENV_DEFAULTS``), chosen by ``make bench``'s "threads" section (fresh worker
-processes, alone and beside a busy process, every candidate): experiments/bench/results.md. Beside a busy
-process it is the thread count that protects the run: ``train.py`` starts as many threads as cores are idle
-(:func:`default_threads`).
+region that ends in a barrier, and by default a thread that reaches the barrier first spins for a while
+before it sleeps. On a machine shared with other work that is the two-thread stall: our second thread
+shares a core with another process, the first one spins at thousands of barriers per training step, and
+the scheduler keeps both our threads and the other process fighting over the cores. libgomp's default
+spins 300,000 times at every barrier (``OMP_DISPLAY_ENV=VERBOSE`` shows ``GOMP_SPINCOUNT``);
+``OMP_WAIT_POLICY=PASSIVE`` makes it 0, so a waiting thread sleeps at once and hands its core back.
+``make bench`` ("threads" section, fresh worker processes) measures both policies and bounded
+spinning (``GOMP_SPINCOUNT``), alone and beside a busy process: experiments/bench/results.md. Beside a busy
+process every spin count of 10,000 or more stalled two threads far worse than PASSIVE (0.19x-0.61x of one
+thread against 0.88x), so PASSIVE stays the default; ``train.py`` also starts only as many threads as cores
+are idle (:func:`default_threads`).
 
 The OpenMP runtime reads its environment once, when torch's shared libraries are loaded, so
 :func:`configure_cpu` must run before ``import torch``. ``diffusion_lab/__init__.py`` calls it, which
@@ -37,12 +38,10 @@ __all__ = [
     "OPENMP_WAIT_VARS",
 ]
 
-# GOMP_SPINCOUNT: how many times a libgomp thread spins at a barrier before it sleeps (it wins over
-# OMP_WAIT_POLICY in libgomp). KMP_BLOCKTIME is Intel OpenMP's (libiomp5) knob for the same thing, in ms,
-# ignored by libgomp; not measured here (torch's pip wheels use libgomp), so it keeps the safe 0.
-CPU_ENV_DEFAULTS: dict[str, str] = {"GOMP_SPINCOUNT": "30000", "KMP_BLOCKTIME": "0"}
-# The user's wait settings: OMP_WAIT_POLICY is read by both runtimes, so a user who set it gets it unchanged
-# (none of our spin defaults, which would override it); each of the others only blocks our own value of it.
+# OMP_WAIT_POLICY is read by both GNU (libgomp) and Intel (libiomp5) OpenMP; KMP_BLOCKTIME is Intel's
+# own knob for the same thing (ms a thread spins before sleeping) and is ignored by libgomp.
+CPU_ENV_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# Every variable that sets how OpenMP threads wait (libgomp: GOMP_SPINCOUNT wins over OMP_WAIT_POLICY).
 OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
@@ -59,11 +58,10 @@ def configure_cpu(
             (they still reach child processes).
 
     Returns:
-        The variables this call set (those the user had set are left alone and not returned; a user's
-        ``OMP_WAIT_POLICY`` also keeps the spin defaults out, since they would override it).
+        The variables this call set (those the user had set are left alone and not returned).
     """
     env = os.environ if env is None else env
-    wanted = {} if "OMP_WAIT_POLICY" in env else dict(CPU_ENV_DEFAULTS)
+    wanted = dict(CPU_ENV_DEFAULTS)
     if threads is not None:
         if int(threads) < 1:
             raise ValueError(f"threads must be a positive integer or null (torch's default), got {threads}")
@@ -73,7 +71,7 @@ def configure_cpu(
     if changed and warn and env is os.environ and "torch" in sys.modules:
         warnings.warn(
             "configure_cpu ran after `import torch`: OpenMP has read its settings already; "
-            "import diffusion_lab before torch (or set GOMP_SPINCOUNT in the shell)",
+            "import diffusion_lab before torch (or set OMP_WAIT_POLICY=PASSIVE in the shell)",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -34,8 +34,9 @@ def _train(
     torch.manual_seed(0)  # the same initial weights in every run
     model = build_unet("unet_tiny", x.shape[-1])
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
-    if compile_:
-        model.compile()
+    # trains through a compiled wrapper; the plain module (same weights) is evaluated, so that the val-set
+    # batches of other shapes do not recompile
+    net = torch.compile(model) if compile_ else model
     g = torch.Generator().manual_seed(seed)  # data order, t and eps
     losses, start, first = [], time.perf_counter(), None
     for i in range(steps):
@@ -46,7 +47,7 @@ def _train(
         t = diffusion.sample_timesteps(batch, generator=g)
         eps = torch.randn(x0.shape, generator=g)
         with autocast(bf16):
-            loss = diffusion.training_losses(model, x0, t=t, eps=eps)["loss"].mean()
+            loss = diffusion.training_losses(net, x0, t=t, eps=eps)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

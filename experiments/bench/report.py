@@ -173,7 +173,7 @@ def to_markdown(r: dict) -> str:
             "",
         ]
         lines += _table(
-            ["situation", "case", "threads", "images/s", "x one thread", "load average before"],
+            ["situation", "case", "threads", "images/s", "x one thread", "load average before", "idle cores"],
             [
                 [
                     x["situation"],
@@ -182,6 +182,7 @@ def to_markdown(r: dict) -> str:
                     x["images_per_s"],
                     x["vs_one_thread"],
                     x.get("load_average_before"),
+                    x.get("idle_cores_before"),
                 ]
                 for x in r["threads"]
             ],

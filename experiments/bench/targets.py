@@ -82,9 +82,12 @@ def evaluate_targets(r: dict) -> list[dict]:
         name = f"threads: train.py's default vs 1 thread, {situation}"
         if got:
             v = got[0]["vs_one_thread"]
-            load = got[0].get("load_average_before")
-            note = f"{got[0]['threads']} thread(s); load average before: {load}"
-            rows.append(_row(name, f">= {want}x", v, v >= want, note))
+            load, idle = got[0].get("load_average_before"), got[0].get("idle_cores_before")
+            note = f"{got[0]['threads']} thread(s); before: load average {load}, idle cores {idle}"
+            met = v >= want
+            if situation == "alone" and idle is not None and idle < 1.7:
+                met, note = None, note + "; the machine was not idle: not a measurement of this target"
+            rows.append(_row(name, f">= {want}x", v, met, note))
         else:
             rows.append(_row(name, f">= {want}x", None, None, "not measured"))
     return rows

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from diffusion_lab.utils.cpu import CPU_ENV_DEFAULTS, OPENMP_WAIT_VARS
+from diffusion_lab.utils.cpu import CPU_ENV_DEFAULTS, OPENMP_WAIT_VARS, idle_cores
 
 __all__ = ["run_threads", "CASES", "DEFAULT_CASE"]
 
@@ -21,11 +21,14 @@ ROOT = Path(__file__).resolve().parents[2]
 CASES: dict[str, tuple[str, int, dict[str, str]]] = {
     "1 thread": ("configured", 1, {}),
     "2 threads, OpenMP default (spin 300,000)": ("default", 2, {}),
-    "2 threads, OMP_WAIT_POLICY=PASSIVE (spin 0)": ("default", 2, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "2 threads, OMP_WAIT_POLICY=PASSIVE (spin 0; configure_cpu's)": (
+        "default",
+        2,
+        {"OMP_WAIT_POLICY": "PASSIVE"},
+    ),
+    "2 threads, GOMP_SPINCOUNT=1000": ("default", 2, {"GOMP_SPINCOUNT": "1000"}),
+    "2 threads, GOMP_SPINCOUNT=3000": ("default", 2, {"GOMP_SPINCOUNT": "3000"}),
     "2 threads, GOMP_SPINCOUNT=10000": ("default", 2, {"GOMP_SPINCOUNT": "10000"}),
-    "2 threads, GOMP_SPINCOUNT=30000": ("default", 2, {"GOMP_SPINCOUNT": "30000"}),
-    "2 threads, GOMP_SPINCOUNT=100000": ("default", 2, {"GOMP_SPINCOUNT": "100000"}),
-    "2 threads, configure_cpu's defaults": ("configured", 2, {}),
     "train.py's default (idle cores at start, configure_cpu)": ("configured", 0, {}),
 }
 DEFAULT_CASE = "train.py's default (idle cores at start, configure_cpu)"
@@ -64,6 +67,7 @@ def run_threads(
             competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
         try:
             load = [round(x, 2) for x in os.getloadavg()]
+            idle = idle_cores(1.0)  # "alone" means little on a shared machine: what was idle before
             rates = _measure(cases, seconds, repeats)
         finally:
             if competitor is not None:
@@ -79,6 +83,7 @@ def run_threads(
                     "images_per_s": round(ips, 1),
                     "vs_one_thread": round(ips / one, 2),
                     "load_average_before": load,
+                    "idle_cores_before": None if idle is None else round(idle, 2),
                 }
             )
             log(f"  {situation:<22} {case:<58} {ips:7.1f} img/s  ({ips / one:.2f}x one thread)")

@@ -115,3 +115,12 @@ def test_avx2_tiny_target_counts_only_compiled_rows():
 )
 def test_profile_groups_by_the_outermost_named_caller(chain, group):
     assert classify(chain) == group
+
+
+def test_threads_alone_on_a_busy_machine_is_not_a_measurement_of_the_idle_target():
+    r = _results("avx2", 90.0, 1.5, 0.9, 1.0)
+    r["threads"][0]["idle_cores_before"] = 0.9
+    alone = evaluate_targets(r)[2]
+    assert alone["met"] is None and "not idle" in alone["note"]
+    r["threads"][0]["idle_cores_before"] = 1.95
+    assert evaluate_targets(r)[2]["met"] is False

@@ -23,33 +23,23 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[4], num_heads=1)
 
 
-def test_configure_cpu_sets_bounded_spin_and_threads_but_keeps_user_values():
+def test_configure_cpu_sets_passive_wait_and_threads_but_keeps_user_values():
     env = {"KMP_BLOCKTIME": "200"}
     changed = configure_cpu(threads=3, env=env)
-    spin = cpu.CPU_ENV_DEFAULTS["GOMP_SPINCOUNT"]
-    assert 0 < int(spin) < 300_000, "a bounded spin: below libgomp's default, above sleeping at once"
-    assert env["GOMP_SPINCOUNT"] == spin and env["KMP_BLOCKTIME"] == "200"
-    assert "OMP_WAIT_POLICY" not in env, "a wait policy would hide the spin count from Intel OpenMP"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE" and env["KMP_BLOCKTIME"] == "200"
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3"
-    assert "KMP_BLOCKTIME" not in changed and changed["GOMP_SPINCOUNT"] == spin
+    assert "KMP_BLOCKTIME" not in changed and changed["OMP_WAIT_POLICY"] == "PASSIVE"
     assert configure_cpu(env=env) == {}  # idempotent
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         configure_cpu(threads=0, env={})
 
 
-@pytest.mark.parametrize("policy", ["PASSIVE", "ACTIVE"])
-def test_a_users_wait_policy_keeps_the_spin_defaults_out(policy):
-    """GOMP_SPINCOUNT overrides OMP_WAIT_POLICY in libgomp: setting it would undo the user's choice."""
-    env = {"OMP_WAIT_POLICY": policy}
-    assert configure_cpu(env=env) == {} and env == {"OMP_WAIT_POLICY": policy}
-    env = {"GOMP_SPINCOUNT": "7"}
-    assert configure_cpu(env=env) == {"KMP_BLOCKTIME": "0"} and env["GOMP_SPINCOUNT"] == "7"
-
-
 @pytest.mark.parametrize("diffusion_lab_first", [True, False])
-def test_openmp_runtime_spins_the_bounded_count_when_diffusion_lab_is_imported_first(diffusion_lab_first):
-    """libgomp reports its spin count: the package's bound only if the package set it before torch."""
-    env = {k: v for k, v in os.environ.items() if k not in cpu.OPENMP_WAIT_VARS}
+def test_openmp_runtime_stops_spinning_when_diffusion_lab_is_imported_first(diffusion_lab_first):
+    """libgomp reports its spin count: 0 (sleep at once) only if the package set the policy before torch."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
+    }
     env["OMP_DISPLAY_ENV"] = "VERBOSE"
     order = "import diffusion_lab, torch" if diffusion_lab_first else "import torch, diffusion_lab"
     done = subprocess.run(
@@ -64,8 +54,7 @@ def test_openmp_runtime_spins_the_bounded_count_when_diffusion_lab_is_imported_f
     spin = [line.split("=")[1].strip(" '") for line in done.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
     if not spin:
         pytest.skip("this torch build does not use GNU OpenMP")
-    expected = cpu.CPU_ENV_DEFAULTS["GOMP_SPINCOUNT"] if diffusion_lab_first else "300000"
-    assert spin[0] == expected, spin
+    assert (spin[0] == "0") == diffusion_lab_first, spin
 
 
 def test_channels_last_backbone_gives_the_contiguous_outputs():
