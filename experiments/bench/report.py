@@ -18,8 +18,12 @@ def to_markdown(r: dict) -> str:
     lines = [
         "# `make bench` results",
         "",
-        f"Written by `python -m experiments.bench {r['args']}` in {r['wall_minutes']} minutes. "
-        "Every ratio compares cases measured in this one run, interleaved (medians of the repeats); absolute "
+        (
+            f"Written in {len(r['parts'])} parts (listed below), {r['wall_minutes']} minutes in all. "
+            if r.get("parts")
+            else f"Written by `python -m experiments.bench {r['args']}` in {r['wall_minutes']} minutes. "
+        )
+        + "Every ratio compares cases measured in one process run, interleaved (medians of the repeats); absolute "
         "numbers depend on what else ran (load average "
         f"{m['load_average_at_start']} at the start, {r['load_average_at_end']} at the end, "
         f"on {m['cores']} cores). "
