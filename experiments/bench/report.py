@@ -23,8 +23,8 @@ def to_markdown(r: dict) -> str:
             if r.get("parts")
             else f"Written by `python -m experiments.bench {r['args']}` in {r['wall_minutes']} minutes. "
         )
-        + "Every ratio compares cases measured in one process run, interleaved (medians of the repeats); absolute "
-        "numbers depend on what else ran (load average "
+        + "Every ratio compares cases measured in one process run, interleaved (medians of the repeats); "
+        "absolute numbers depend on what else ran (load average "
         f"{m['load_average_at_start']} at the start, {r['load_average_at_end']} at the end, "
         f"on {m['cores']} cores). "
         '"per CPU-s" counts images per CPU-second of this process: with one thread it hardly depends on '
