@@ -198,11 +198,16 @@ class AttentionBlock(nn.Module):
         self.proj = zero_module(nn.Conv1d(channels, channels, 1))
 
     def qkv_heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: (B, C, H, W) -> q, k, v, each (B, heads, H*W, d)."""
+        """x: (B, C, H, W) -> q, k, v, each (B, heads, H*W, d) with unit stride along d.
+
+        The unit stride matters on the CPU: ``scaled_dot_product_attention`` takes its fused (flash) kernel
+        only then and otherwise falls back to the unfused math (``make bench``, "profile" section).
+        """
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x).reshape(B, C, H * W))  # (B, 3C, T)
-        qkv = qkv.reshape(B, 3, self.num_heads, C // self.num_heads, H * W)  # (B, 3, heads, d, T)
-        q, k, v = qkv.transpose(-1, -2).unbind(dim=1)  # (B, heads, T, d) each
+        qkv = qkv.reshape(B, 3 * self.num_heads, C // self.num_heads, H * W)  # (B, 3 heads, d, T)
+        qkv = qkv.transpose(-1, -2).contiguous()  # (B, 3 heads, T, d): one copy for q, k and v
+        q, k, v = qkv.reshape(B, 3, self.num_heads, H * W, C // self.num_heads).unbind(dim=1)
         return q, k, v
 
     def forward(self, x: Tensor) -> Tensor:

@@ -7,8 +7,11 @@ shares a core with another process, the first one spins at thousands of barriers
 the scheduler keeps both our threads and the other process fighting over the cores. libgomp's default
 spins 300,000 times at every barrier (``OMP_DISPLAY_ENV=VERBOSE`` shows ``GOMP_SPINCOUNT``);
 ``OMP_WAIT_POLICY=PASSIVE`` makes it 0, so a waiting thread sleeps at once and hands its core back.
-``make bench`` ("threads" section, fresh worker processes) measures both policies, alone and beside a
-busy process: experiments/bench/results.md.
+``make bench`` ("threads" section, fresh worker processes) measures both policies and bounded
+spinning (``GOMP_SPINCOUNT``), alone and beside a busy process: experiments/bench/results.md. Beside a busy
+process every spin count of 10,000 or more stalled two threads far worse than PASSIVE (0.19x-0.61x of one
+thread against 0.88x), so PASSIVE stays the default; ``train.py`` also starts only as many threads as cores
+are idle (:func:`default_threads`).
 
 The OpenMP runtime reads its environment once, when torch's shared libraries are loaded, so
 :func:`configure_cpu` must run before ``import torch``. ``diffusion_lab/__init__.py`` calls it, which
@@ -32,11 +35,14 @@ __all__ = [
     "default_cpu_precision",
     "register_resolvers",
     "CPU_ENV_DEFAULTS",
+    "OPENMP_WAIT_VARS",
 ]
 
 # OMP_WAIT_POLICY is read by both GNU (libgomp) and Intel (libiomp5) OpenMP; KMP_BLOCKTIME is Intel's
 # own knob for the same thing (ms a thread spins before sleeping) and is ignored by libgomp.
 CPU_ENV_DEFAULTS: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+# Every variable that sets how OpenMP threads wait (libgomp: GOMP_SPINCOUNT wins over OMP_WAIT_POLICY).
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 def configure_cpu(

@@ -95,6 +95,7 @@ def run_dit(
             log=lambda s: None,
             model_name=name,
             samplers=SAMPLER,
+            variants=("fp32", "bf16", "bf16_compile"),
         )
         for s in sampled:
             nfe = SAMPLER[s["sampler"]][1]

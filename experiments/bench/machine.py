@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from experiments.bench.targets import cpu_kind
+
 __all__ = ["describe_machine"]
 
 FLAGS = ("avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8", "avx512_fp16")
@@ -49,8 +51,12 @@ def describe_machine() -> dict:
         (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
         platform.processor(),
     )
+    kind = cpu_kind(frozenset(flags))
     return {
         "cpu": model,
+        "cpu_kind": kind,
+        "bf16_units": kind != "avx2",
+        "precision": "bf16-mixed" if kind != "avx2" else "fp32 (no bf16 units: the CPU trainer's 32-true)",
         "cores": os.cpu_count(),
         "flags": {f: f in flags for f in FLAGS},
         "torch": torch.__version__,

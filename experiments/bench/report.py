@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from experiments.bench.targets import describe_targets
+
 __all__ = ["to_markdown"]
 
 
@@ -25,10 +27,34 @@ def to_markdown(r: dict) -> str:
         "the load, so it is the steadier measure of a one-thread change.",
         "",
         f"CPU: {m['cpu']}; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in m["flags"].items()),
+        "",
+        describe_targets(m.get("cpu_kind", "avx2")) + f". Training precision: {m.get('precision')}.",
+        "",
         f"torch {m['torch']} (CPU capability {m['torch_cpu_capability']}); "
         "oneDNN kernels of a bf16 conv/matmul: " + "; ".join(f"`{k}`" for k in m["onednn_bf16_kernels"]),
         "",
     ]
+    if r.get("parts"):
+        lines += [
+            "Measured in parts (`--merge`), each its own process run: "
+            + "; ".join(f"`{p['args']}` ({p.get('wall_minutes')} min)" for p in r["parts"]),
+            "",
+        ]
+    if r.get("targets"):
+        lines += ["## Targets of this CPU", ""]
+        lines += _table(
+            ["target", "wanted", "measured", "met", "note"],
+            [
+                [
+                    t["target"],
+                    t["wanted"],
+                    t["measured"],
+                    {True: "met", False: "**not met**", None: "not measured"}[t["met"]],
+                    t["note"],
+                ]
+                for t in r["targets"]
+            ],
+        )
     if "peaks" in r:
         lines += ["## Matmul peaks (2048 x 2048 `torch.mm`, GFLOP/s)", ""]
         lines += _table(
@@ -41,8 +67,32 @@ def to_markdown(r: dict) -> str:
                     v["best_gflops_cpu_time"],
                 ]
                 for k, v in r["peaks"].items()
+                if isinstance(v, dict)
             ],
         )
+        if r["peaks"].get("bf16_n", 2048) != 2048:
+            n = r["peaks"]["bf16_n"]
+            lines += [f"bf16 measured at {n} x {n}: this CPU has no bf16 units (a conversion path).", ""]
+    if "profile" in r:
+        lines += [
+            "## Where a training step's time goes (`torch.profiler`, one thread; self CPU time by the "
+            "operator kind of its outermost named caller)",
+            "",
+        ]
+        for x in r["profile"]:
+            head = (
+                f"**{x['model']}, {x['image_size']}x{x['image_size']}, batch {x['batch']}, "
+                f"{x['precision']}**: {x['step_ms']} ms per profiled step"
+            )
+            if "lightning_ms" in x:
+                head += (
+                    f"; through the LightningModule and a Trainer {x['lightning_ms']} ms vs the bare step "
+                    f"{x['bare_ms']} ms ({x['lightning_overhead_pct']:+}%)"
+                )
+            lines += [head, ""]
+            lines += _table(
+                ["group", "ms per step", "%"], [[g["group"], g["ms"], g["pct"]] for g in x["groups"]]
+            )
     if "training" in r:
         lines += [
             "## Training throughput (one optimizer step on a fixed batch; v objective, sigmoid schedule)",
@@ -67,6 +117,7 @@ def to_markdown(r: dict) -> str:
                     "x ref (CPU)",
                     "GFLOP/s",
                     "% of matmul peak",
+                    "% of peak (CPU time)",
                     "compile s",
                 ],
                 [
@@ -78,6 +129,7 @@ def to_markdown(r: dict) -> str:
                         x["vs_reference_cpu"],
                         x["achieved_gflops"],
                         x["pct_of_matmul_peak"],
+                        x.get("pct_of_matmul_peak_cpu_time"),
                         x["compile_seconds"],
                     ]
                     for x in rows
@@ -86,7 +138,8 @@ def to_markdown(r: dict) -> str:
     if "numerics" in r:
         n = r["numerics"]
         lines += [
-            f"## fp32 vs bf16-mixed training ({n['steps']} steps, digits 16x16, batch {n['batch']})",
+            f"## fp32 vs {n.get('fast_path', 'bf16-mixed')} training ({n['steps']} steps, digits 16x16, "
+            f"batch {n['batch']})",
             "",
         ]
         lines += _table(
@@ -107,24 +160,37 @@ def to_markdown(r: dict) -> str:
             ],
         )
         lines += [
-            f"Largest gap between window means: bf16 vs fp32 {n['max_window_gap_bf16_vs_fp32']}, "
+            f"Largest gap between window means: {n.get('fast_path', 'bf16-mixed')} vs fp32 "
+            f"{n.get('max_window_gap_fast_vs_fp32', n.get('max_window_gap_bf16_vs_fp32'))}, "
             f"fp32 seed 1 vs seed 0 {n['max_window_gap_seed1_vs_seed0']}.",
             "",
         ]
     if "threads" in r:
         lines += [
             "## Threads: the two-thread stall "
-            "(unet_tiny 32x32, batch 128, bf16-mixed; a fresh worker process per measurement)",
+            f"(unet_tiny 32x32, batch 128, {m.get('precision', 'bf16-mixed')}; a fresh worker process per "
+            "measurement)",
             "",
         ]
         lines += _table(
-            ["situation", "case", "images/s", "x one thread"],
-            [[x["situation"], x["case"], x["images_per_s"], x["vs_one_thread"]] for x in r["threads"]],
+            ["situation", "case", "threads", "images/s", "x one thread", "load average before", "idle cores"],
+            [
+                [
+                    x["situation"],
+                    x["case"],
+                    x.get("threads"),
+                    x["images_per_s"],
+                    x["vs_one_thread"],
+                    x.get("load_average_before"),
+                    x.get("idle_cores_before"),
+                ]
+                for x in r["threads"]
+            ],
         )
     if "sampling" in r:
         lines += ["## Sampling throughput (unet_tiny 32x32, 32 images per run, 1 thread)", ""]
         lines += _table(
-            ["sampler", "variant", "images/s", "x fp32", "per CPU-s", "GFLOP/s", "compile s"],
+            ["sampler", "variant", "images/s", "x fp32", "per CPU-s", "x fp32 (CPU)", "GFLOP/s", "compile s"],
             [
                 [
                     x["sampler"],
@@ -132,6 +198,7 @@ def to_markdown(r: dict) -> str:
                     x["images_per_s"],
                     x["vs_fp32"],
                     x["images_per_cpu_s"],
+                    x.get("vs_fp32_cpu"),
                     x["achieved_gflops"],
                     x["compile_seconds"],
                 ]

@@ -1,5 +1,7 @@
-"""Sampling throughput (DPM-Solver++(2M) 20 steps, DDIM 50 steps) in fp32, bf16 autocast and compiled, and
-the classifier-feature FID of 1,000 samples of a trained checkpoint drawn each way."""
+"""Sampling throughput of the presets' samplers (DPM-Solver++(2M) 20 steps; Heun 18 steps with churn
+S_churn=2, EDM Algorithm 2, as in conf/experiment/hoda32_uncond.yaml) in fp32 and compiled, and in bf16
+autocast where the CPU has bf16 units; and the classifier-feature FID of 1,000 samples of a trained
+checkpoint drawn each way."""
 
 from __future__ import annotations
 
@@ -18,15 +20,28 @@ from experiments.bench.timing import interleave
 
 __all__ = ["run_sampling_speed", "run_sampling_quality", "SAMPLERS"]
 
-SAMPLERS = {"dpm_solver_20": ("dpm_solver", 20), "ddim_50": ("ddim", 50)}
-VARIANTS = {"fp32": (False, False), "bf16": (True, False), "bf16_compile": (True, True)}
+# key -> (sampler, steps, sampler keywords); Heun's 18 steps are 35 network evaluations
+SAMPLERS = {
+    "dpm_solver_20": ("dpm_solver", 20, {}),
+    "heun_18_churn2": ("heun", 18, {"S_churn": 2.0}),
+}
+NFE = {"dpm_solver_20": 20, "heun_18_churn2": 35}
+VARIANTS = {
+    "fp32": (False, False),
+    "fp32_compile": (False, True),
+    "bf16": (True, False),
+    "bf16_compile": (True, True),
+}
 
 
-def _variants(model: torch.nn.Module, compile_: bool) -> dict:
-    """{variant: (model, bf16)}; compiled ones are compiled copies, warmed up by the caller."""
+def _variants(
+    model: torch.nn.Module, compile_: bool, bf16_units: bool = True, names: tuple[str, ...] | None = None
+) -> dict:
+    """{variant: (model, bf16)}; compiled ones are compiled copies, warmed up by the caller. Without bf16
+    units only the fp32 variants (bf16 runs many times slower there)."""
     out = {}
     for name, (bf16, comp) in VARIANTS.items():
-        if comp and not compile_:
+        if (comp and not compile_) or (bf16 and not bf16_units) or (names and name not in names):
             continue
         m = copy.deepcopy(model).eval() if comp else model
         if comp:
@@ -43,30 +58,34 @@ def run_sampling_speed(
     compile_: bool = True,
     log=print,
     model_name: str = "unet_tiny",
-    samplers: dict[str, tuple[str, int]] = SAMPLERS,
+    samplers: dict[str, tuple] = SAMPLERS,
+    bf16_units: bool = True,
+    variants: tuple[str, ...] | None = None,
 ) -> list[dict]:
-    """Images/s of ``samplers`` ({key: (sampler, steps)}) with ``conf/model/<model_name>``, n images a run."""
+    """Images/s of ``samplers`` ({key: (sampler, steps[, keywords])}) with ``conf/model/<model_name>``, n
+    images a run."""
     torch.manual_seed(0)
     model = build_backbone(model_name, size).eval()
     diffusion = make_diffusion()
     fwd = flops_per_image(model, (1, size, size), backward=False)
-    variants = _variants(model, compile_)
+    variants = _variants(model, compile_, bf16_units, variants)
     cases, nfe, compile_s = {}, {}, {}
     for vname, (m, bf16) in variants.items():
-        for sname, (sampler, steps) in samplers.items():
+        for sname, (sampler, steps, *kw) in samplers.items():
+            kw = kw[0] if kw else {}
 
-            def run(m=m, bf16=bf16, sampler=sampler, steps=steps) -> int:
+            def run(m=m, bf16=bf16, sampler=sampler, steps=steps, kw=kw) -> int:
                 with torch.no_grad(), autocast(bf16):
-                    sample(m, diffusion, (n, 1, size, size), sampler=sampler, steps=steps, seed=0)
+                    sample(m, diffusion, (n, 1, size, size), sampler=sampler, steps=steps, seed=0, **kw)
                 return n
 
             start = time.perf_counter()
             run()  # warm-up (compiles the compiled variant)
-            if vname.endswith("compile") and vname not in compile_s:
+            if vname.endswith("compile") and vname not in compile_s:  # the first sampler's run
                 compile_s[vname] = round(time.perf_counter() - start, 1)
                 log(f"  sampling {vname}: first run (compile) {compile_s[vname]} s")
             cases[f"{vname}|{sname}"] = run
-            nfe[sname] = steps
+            nfe[sname] = NFE.get(sname, steps)
     timed = interleave(cases, seconds, repeats, 1)
     rows = []
     for key, t in timed.items():
@@ -78,6 +97,7 @@ def run_sampling_speed(
             "images_per_s": round(t["ips"], 2),
             "images_per_cpu_s": round(t["ips_cpu"], 2),
             "vs_fp32": round(t["ips"] / ref, 2),
+            "vs_fp32_cpu": round(t["ips_cpu"] / timed[f"fp32|{sname}"]["ips_cpu"], 2),
             "achieved_gflops": round(t["ips"] * nfe[sname] * fwd / 1e9, 1),
             "compile_seconds": compile_s.get(vname),
         }

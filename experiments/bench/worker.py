@@ -2,10 +2,11 @@
 
     python -m experiments.bench.worker {default|configured} THREADS SECONDS    (THREADS 0: train.py's default)
 
-``default`` imports torch before diffusion_lab, so OpenMP starts with its own settings (as every run did
-before ``diffusion_lab.utils.cpu``);
+``default`` imports torch before diffusion_lab, so OpenMP starts with its own settings or the ones the
+environment gives (as every run did before ``diffusion_lab.utils.cpu``);
 ``configured`` imports diffusion_lab first, as ``train.py`` does. Prints one
-JSON line: images/s of unet_tiny at 32x32, batch 128, bf16-mixed, and the wait policy OpenMP was given.
+JSON line: images/s of unet_tiny at 32x32, batch 128, in the CPU trainer's precision (bf16-mixed only on a
+CPU with bf16 units), and the OpenMP settings the worker started with.
 """
 
 from __future__ import annotations
@@ -20,22 +21,21 @@ def main(mode: str, threads: int, seconds: float) -> None:
     if mode == "default":
         import torch  # noqa: F401  (first: OpenMP keeps its own defaults)
     import diffusion_lab  # noqa: F401
+    from diffusion_lab.utils.cpu import default_cpu_precision
     from experiments.bench.setups import TrainSetup, train_step
 
     if threads == 0:  # what train.py does when threads is null
         from diffusion_lab.utils.cpu import default_threads
 
         threads = default_threads()
-    step, _ = train_step("unet_tiny", 32, TrainSetup(bf16=True, threads=threads))
+    bf16 = default_cpu_precision() == "bf16-mixed"
+    step, _ = train_step("unet_tiny", 32, TrainSetup(bf16=bf16, threads=threads))
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         n += step()
     ips = n / (time.perf_counter() - start)
-    print(
-        json.dumps(
-            {"images_per_s": ips, "threads": threads, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}
-        )
-    )
+    omp = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    print(json.dumps({"images_per_s": ips, "threads": threads, "bf16": bf16, **omp}))
 
 
 if __name__ == "__main__":

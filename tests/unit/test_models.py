@@ -155,6 +155,19 @@ def test_attention_block_matches_naive_reference():
     torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_block_takes_the_fused_cpu_kernel():
+    """q, k, v with unit stride along d: scaled_dot_product_attention's flash kernel, not the unfused math."""
+    from torch.profiler import profile
+
+    block = AttentionBlock(16, num_heads=2)
+    q, k, v = block.qkv_heads(torch.randn(2, 16, 4, 4))
+    assert q.shape == (2, 2, 16, 8) and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+    with profile() as prof:
+        block(torch.randn(2, 16, 4, 4, requires_grad=True)).sum().backward()
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in names, sorted(names)
+
+
 def test_attention_heads_from_head_channels_and_bad_heads():
     assert AttentionBlock(64, num_heads=1, num_head_channels=16).num_heads == 4
     with pytest.raises(ValueError, match="num_heads"):
