@@ -37,6 +37,8 @@ SAMPLERS = [
     ("euler 50 karras, S_churn 40", "euler", ["sampler.steps=50", "sampler.S_churn=40"]),
     ("ddim 50, eta 1", "ddim", ["sampler.eta=1.0"]),
     ("ddpm ancestral 100", "ddpm", ["sampler.steps=100"]),
+    ("ddpm ancestral 100, trailing", "ddpm", ["sampler.steps=100", "sampler.grid=trailing"]),
+    ("ddpm ancestral 50, trailing", "ddpm", ["sampler.steps=50", "sampler.grid=trailing"]),
     ("ddpm ancestral 250", "ddpm", ["sampler.steps=250"]),
     ("ddpm ancestral 1000", "ddpm", []),
 ]

@@ -299,7 +299,9 @@ def test_every_config_and_preset_passes_when_stored(tmp_path, no_admitted):
 
 def test_trained_checkpoint_loads_and_samples(tiny_checkpoint, tmp_path, no_admitted):
     out = tmp_path / "s"
-    r = run_command("diffusion_lab.sample", [f"ckpt={tiny_checkpoint}", "n=2", f"out={out}"], tmp_path)
+    # the stored default sampler (ancestral, 100 steps) is respaced to 10 of the tiny run's T = 50 steps
+    args = [f"ckpt={tiny_checkpoint}", "n=2", "sampler.steps=10", f"out={out}"]
+    r = run_command("diffusion_lab.sample", args, tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "samples.npz").is_file()
     assert os.path.getsize(out / "samples.npz") > 0
