@@ -6,7 +6,15 @@
   (rectified flow, Liu et al. 2023), velocity target u = eps - x_0, logit-normal t (Esser et al. 2024, SD3
   Sec. 3.1 and Eq. 19). Data at t = 0 as in this project (Lipman's and SiT's t is 1 - t here).
 * ``objective=interpolant``: SiT's grid (Ma et al. 2024, Sec. 2): path linear or gvp, prediction velocity,
-  noise or score, uniform t.
+  noise or score, uniform t. SiT's defaults follow from the prediction (``SIT_DEFAULTS``, willisma/SiT
+  ``create_transport`` and ``Transport.training_losses``): the loss ||u_hat - u||^2 for velocity,
+  ||eps_hat - eps||^2 for noise and ||sigma s_hat + eps||^2 (eps units) for score; training and sampling
+  times in [eps, 1 - eps] with eps = 1e-3 for noise and score (their conversions divide by alpha, which is 0
+  at t = 1 on both paths) and eps = 0 for velocity (finite everywhere).
+
+The interval on which the probability-flow ODE of a model is well defined, ``ode_interval()``, is
+[max(t_min, sample_eps), min(t_max, 1 - sample_eps)] within the path's range: the likelihood integrates over
+it and every sampler starts at its upper end (SiT's ``check_interval``).
 
 The network sees (x_t, t * time_scale, y); time_scale = 1000 puts t on the discrete models' step range (SD3
 feeds 1000 t as well). P is a parameterization of ``processes.parameterization`` (velocity, noise = eps,
@@ -37,15 +45,27 @@ from torch import Tensor
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
 from diffusion_lab.processes.likelihood import mean_flat
-from diffusion_lab.processes.parameterization import X0Prediction, get_prediction
+from diffusion_lab.processes.parameterization import Parameterization, X0Prediction, get_prediction
 from diffusion_lab.processes.paths import GaussianPath, get_path
 from diffusion_lab.processes.schedules import Schedule, betas_from_alphas_cumprod
 from diffusion_lab.processes.time_sampling import make_time_density
-from diffusion_lab.processes.weighting import weight
+from diffusion_lab.processes.weighting import default_weighting, weight
 
-__all__ = ["FlowMatching", "ot_pairing"]
+__all__ = ["FlowMatching", "ot_pairing", "sit_eps"]
 
 COUPLINGS = ("none", "ot")
+
+
+def sit_eps(path: GaussianPath, prediction: Parameterization) -> tuple[float, float]:
+    """SiT's (train_eps, sample_eps) for a path and prediction (``create_transport`` in willisma/SiT):
+    velocity on the linear and GVP paths is finite everywhere (0, 0); every other prediction divides by alpha
+    or sigma at an end (1e-3, 1e-3); the VP-SDE's own t_min = 1e-5 is SiT's VP train_eps, sample_eps 1e-3.
+    The VE path (alpha = 1, sigma >= sigma_min > 0) has no singular end (0, 0)."""
+    if path.name == "vp_sde":
+        return 1e-5, 1e-3
+    if path.name == "ve" or prediction.name == "velocity":
+        return 0.0, 0.0
+    return 1e-3, 1e-3
 
 
 def ot_pairing(x0: Tensor, eps: Tensor) -> Tensor:
@@ -67,10 +87,13 @@ class FlowMatching(GaussianDiffusion):
         prediction: ``velocity`` | ``noise`` | ``score`` | ``x0``: what the network outputs.
         time_density: ``uniform`` | ``logit_normal`` | ``mode`` | ``lognormal`` with its options loc, scale
             (logit-normal), mode_scale (mode), P_mean, P_std (lognormal) and shift (SD3's shift, 1 = none).
-        loss_weighting: the units of the MSE, ``processes.weighting.WEIGHTINGS`` (none = the prediction's).
+        loss_weighting: the units of the MSE, ``processes.weighting.WEIGHTINGS``; ``default`` is SiT's for
+            the prediction (eps units for score, the prediction's own units otherwise).
         min_snr_gamma: gamma of ``loss_weighting=min_snr``.
-        t_eps: training times are kept in [t_eps, 1 - t_eps] within the path's range (SiT's train_eps);
-            the noise and score predictions are singular at sigma = 0.
+        t_eps: training times lie in [t_eps, 1 - t_eps] within the path's range (SiT's train_eps; None:
+            SiT's default, :func:`sit_eps`); the draws of the density are mapped affinely onto it.
+        sample_eps: the ODE interval and the samplers' start are [sample_eps, 1 - sample_eps] within the
+            path's range (SiT's sample_eps; None: :func:`sit_eps`).
         time_scale: the network sees t * time_scale.
         coupling: ``none`` (independent pairs) or ``ot`` (minibatch OT).
         discrete_steps: T of the discrete view.
@@ -92,9 +115,10 @@ class FlowMatching(GaussianDiffusion):
         P_mean: float = -1.2,
         P_std: float = 1.2,
         shift: float = 1.0,
-        loss_weighting: str = "none",
+        loss_weighting: str = "default",
         min_snr_gamma: float = 5.0,
-        t_eps: float = 1e-5,
+        t_eps: float | None = None,
+        sample_eps: float | None = None,
         time_scale: float = 1000.0,
         coupling: str = "none",
         discrete_steps: int = 1000,
@@ -104,8 +128,16 @@ class FlowMatching(GaussianDiffusion):
         del schedule
         if coupling not in COUPLINGS:
             raise ValueError(f"unknown coupling '{coupling}'; valid: {', '.join(COUPLINGS)}")
-        if not 0 <= t_eps < 0.5:
-            raise ValueError(f"t_eps must lie in [0, 0.5) (1e-5 by default), got {t_eps}")
+        gpath = get_path(path)
+        pred = get_prediction(prediction)
+        train_eps, eval_eps = sit_eps(gpath, pred)
+        t_eps = train_eps if t_eps is None else float(t_eps)
+        sample_eps = eval_eps if sample_eps is None else float(sample_eps)
+        for name, value in (("t_eps", t_eps), ("sample_eps", sample_eps)):
+            if not 0 <= value < 0.5:
+                raise ValueError(
+                    f"{name} must lie in [0, 0.5) (null: SiT's default for the prediction), got {value}"
+                )
         self._options = dict(
             path=path,
             prediction=prediction,
@@ -119,14 +151,15 @@ class FlowMatching(GaussianDiffusion):
             loss_weighting=loss_weighting,
             min_snr_gamma=min_snr_gamma,
             t_eps=t_eps,
+            sample_eps=sample_eps,
             time_scale=time_scale,
             coupling=coupling,
         )
-        gpath = get_path(path)
-        pred = get_prediction(prediction)
+        if loss_weighting == "default":
+            loss_weighting = default_weighting(pred)
         weight(loss_weighting, pred, gpath.coefs(torch.tensor([0.5], dtype=torch.float64), torch.zeros(1, 1)))
-        # the view's top: the path's end where x0 stays defined there, else just before it
-        top = gpath.t_max if pred.supports_zero_terminal_snr else min(gpath.t_max, 1.0 - 1e-3)
+        self.ode_t0 = max(gpath.t_min, sample_eps)
+        top = min(gpath.t_max, 1.0 - sample_eps)  # the view's top and every sampler's start
         if times is None:
             if int(discrete_steps) < 2:
                 raise ValueError(f"discrete_steps must be >= 2 (1000 by default), got {discrete_steps}")
@@ -141,6 +174,7 @@ class FlowMatching(GaussianDiffusion):
         self.min_snr_gamma = float(min_snr_gamma)
         self.density = make_time_density(time_density, gpath, loc, scale, mode_scale, P_mean, P_std, shift)
         self.t_lo, self.t_hi = max(gpath.t_min, t_eps), min(gpath.t_max, 1.0 - t_eps)
+        self.t_eps, self.sample_eps = t_eps, sample_eps
         self.time_scale, self.coupling = float(time_scale), coupling
         self.t_top = float(top)  # where sampling starts: the path's end, or before it where x0 is undefined
         self.register_buffer("times", times.to(torch.float32), persistent=False)
@@ -150,6 +184,11 @@ class FlowMatching(GaussianDiffusion):
 
     def path(self) -> GaussianPath:
         return self.gpath
+
+    def ode_interval(self) -> tuple[float, float]:
+        """[t0, t1] where the probability-flow ODE of this model is defined and the network was trained:
+        [max(t_min, sample_eps), min(t_max, 1 - sample_eps)] (SiT's ``check_interval``, module docstring)."""
+        return self.ode_t0, self.t_top
 
     def network(self, model_fn: ModelFn, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """P_theta(x_t, t): the network at path state x (B, C, H, W) and times t (B,)."""
@@ -177,8 +216,10 @@ class FlowMatching(GaussianDiffusion):
     # ------------------------------------------------------------------------------- training
 
     def sample_timesteps(self, batch: int, device=None, generator: torch.Generator | None = None) -> Tensor:
-        """t ~ the time density, (batch,) float32 within [t_eps, 1 - t_eps] and the path's range."""
-        return self.density.sample(batch, device, generator).clamp(self.t_lo, self.t_hi)
+        """t ~ the time density mapped affinely onto [t_lo, t_hi] = [t_eps, 1 - t_eps] within the path's
+        range (SiT: t = t0 + (t1 - t0) u), (batch,) float32."""
+        u = self.density.sample(batch, device, generator)
+        return (self.t_lo + (self.t_hi - self.t_lo) * u).clamp(self.t_lo, self.t_hi)
 
     def training_losses(
         self,
@@ -245,6 +286,7 @@ class FlowMatching(GaussianDiffusion):
         o = self._options
         return (
             f"path={o['path']}, prediction={o['prediction']}, time_density={o['time_density']}, "
-            f"shift={o['shift']}, loss_weighting={o['loss_weighting']}, coupling={o['coupling']}, "
+            f"shift={o['shift']}, loss_weighting={self.weighting}, t_eps={self.t_eps}, "
+            f"sample_eps={self.sample_eps}, coupling={o['coupling']}, "
             f"discrete view T={self.num_timesteps}"
         )

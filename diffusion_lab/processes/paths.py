@@ -8,6 +8,7 @@ Every path gives, for a float tensor t in [0, 1] and with outputs shaped like t:
     alpha(t), sigma(t)            the signal and noise scales
     d_alpha(t), d_sigma(t)        their time derivatives (the velocity dx_t/dt = d_alpha x_0 + d_sigma eps)
     log_snr(t)                    lambda(t) = log(alpha^2 / sigma^2), decreasing in t
+    d_log_snr(t)                  d lambda / dt, analytic (finite wherever alpha, sigma > 0)
     t_from_log_snr(lam)           its inverse
     ve_sigma(t)                   sigma / alpha: the variance-exploding view x = x_t / alpha = x_0 + (sigma /
                                   alpha) eps that the sigma samplers (EDM, k-diffusion) integrate in
@@ -106,6 +107,10 @@ class GaussianPath:
         """lambda(t) = log(alpha^2 / sigma^2) = 2 (log alpha - log sigma)."""
         return 2.0 * (self.alpha(t).log() - self.sigma(t).log())
 
+    def d_log_snr(self, t: Tensor) -> Tensor:
+        """d lambda / dt = 2 (d_alpha / alpha - d_sigma / sigma), analytic (< 0: the SNR falls with t)."""
+        return 2.0 * (self.d_alpha(t) / self.alpha(t) - self.d_sigma(t) / self.sigma(t))
+
     def ve_sigma(self, t: Tensor) -> Tensor:
         """sigma / alpha: the noise level of x = x_t / alpha = x_0 + (sigma / alpha) eps (EDM Sec. 2)."""
         return self.sigma(t) / self.alpha(t)
@@ -156,18 +161,27 @@ class LinearPath(GaussianPath):
     def d_sigma(self, t):
         return torch.ones_like(t)
 
+    def d_log_snr(self, t):
+        # lambda = 2 log((1 - t) / t): d lambda / dt = -2 / (t (1 - t))
+        return -2.0 / (t * (1.0 - t))
+
     def t_from_log_snr(self, lam):
         # (1 - t) / t = exp(lam / 2)  ->  t = sigmoid(-lam / 2)
         return torch.sigmoid(-0.5 * lam)
 
 
 class GVPPath(GaussianPath):
-    """alpha = cos(pi t / 2), sigma = sin(pi t / 2) (Albergo & Vanden-Eijnden 2023; SiT's GVP)."""
+    """alpha = cos(pi t / 2), sigma = sin(pi t / 2) (Albergo & Vanden-Eijnden 2023; SiT's GVP).
+
+    Computed as alpha = sin(pi (1 - t) / 2) and sigma = sin(pi t / 2), equal in exact arithmetic: in float32
+    ``0.5 * pi * t`` at t = 1 rounds above pi / 2, so cos() gives alpha(1) = -4.4e-8, a NaN log-SNR and a
+    negative variance-exploding sigma, while sin(0) is exactly 0 at both ends.
+    """
 
     name = "gvp"
 
     def alpha(self, t):
-        return torch.cos(0.5 * math.pi * t)
+        return torch.sin(0.5 * math.pi * (1.0 - t))
 
     def sigma(self, t):
         return torch.sin(0.5 * math.pi * t)
@@ -176,10 +190,11 @@ class GVPPath(GaussianPath):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
     def d_sigma(self, t):
-        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * (1.0 - t))
 
-    def log_snr(self, t):
-        return -2.0 * torch.log(torch.tan(0.5 * math.pi * t))
+    def d_log_snr(self, t):
+        # lambda = -2 log tan(pi t / 2): d lambda / dt = -2 pi / sin(pi t)
+        return -2.0 * math.pi / torch.sin(math.pi * t)
 
     def t_from_log_snr(self, lam):
         # tan(pi t / 2) = exp(-lam / 2)
@@ -226,6 +241,10 @@ class VPSDEPath(GaussianPath):
         # log(alpha^2 / (1 - alpha^2)) = -log(exp(-2 log alpha) - 1)
         return -torch.log(torch.expm1(-2.0 * self._log_alpha(t)))
 
+    def d_log_snr(self, t):
+        # lambda = -log(e^c - 1), c = -2 log alpha: d lambda / dt = -c' e^c / (e^c - 1) = -c' / sigma^2
+        return 2.0 * self._d_log_alpha(t) / (-torch.expm1(2.0 * self._log_alpha(t)))
+
     def t_from_log_snr(self, lam):
         # -2 log alpha = log(1 + e^-lam) = c  ->  t^2 (b1 - b0) / 2 + t b0 - c = 0
         c = torch.nn.functional.softplus(-lam)
@@ -267,6 +286,9 @@ class VEPath(GaussianPath):
 
     def log_snr(self, t):
         return -2.0 * (math.log(self.sigma_min) + t * self._log_ratio)
+
+    def d_log_snr(self, t):
+        return torch.full_like(t, -2.0 * self._log_ratio)
 
     def t_from_log_snr(self, lam):
         return (-0.5 * lam - math.log(self.sigma_min)) / self._log_ratio
@@ -314,7 +336,7 @@ class DiscreteVPPath(GaussianPath):
         lam = self.table[i] + frac * slope / self.T
         return lam.to(device=t.device, dtype=t.dtype)
 
-    def _d_log_snr(self, t):
+    def d_log_snr(self, t):
         return self._locate(t)[2].to(device=t.device, dtype=t.dtype)
 
     def alpha(self, t):
@@ -325,10 +347,10 @@ class DiscreteVPPath(GaussianPath):
 
     def d_alpha(self, t):
         # alpha^2 = sigmoid(lambda): d alpha = alpha sigma^2 d lambda / 2
-        return 0.5 * self.alpha(t) * self.sigma(t) ** 2 * self._d_log_snr(t)
+        return 0.5 * self.alpha(t) * self.sigma(t) ** 2 * self.d_log_snr(t)
 
     def d_sigma(self, t):
-        return -0.5 * self.sigma(t) * self.alpha(t) ** 2 * self._d_log_snr(t)
+        return -0.5 * self.sigma(t) * self.alpha(t) ** 2 * self.d_log_snr(t)
 
     def t_from_log_snr(self, lam):
         neg = (-self.table).contiguous()  # increasing in i

@@ -9,8 +9,10 @@
     shift          SD3's resolution shift (Sec. 5.3.2), on any of them: t' = s t / (1 + (s - 1) t); s > 1
                    moves training towards noise, s = 1 is the identity, and 1 / s undoes s
 
-Each density is a small class with ``sample(batch, device, generator) -> (batch,) float32`` and, where
-closed, ``pdf(t)``. With SD3's convention sigma = t here (data at t = 0), their formulas apply as written.
+Each density is a small class with ``sample(batch, device, generator) -> (batch,) float32`` and ``pdf(t)``,
+the density of what ``sample`` returns, SD3's shift included: with t' = shift(t) and t = shift(t', 1 / s),
+p'(t') = p(t) dt / dt' where dt / dt' = (1 / s) / (1 + (1 / s - 1) t')^2. With SD3's convention sigma = t
+here (data at t = 0), their formulas apply as written.
 """
 
 from __future__ import annotations
@@ -53,10 +55,21 @@ class TimeDensity:
     def draw(self, batch: int, device=None, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
+    def density(self, t: Tensor) -> Tensor:
+        """The density of ``draw`` (before the shift) at t."""
+        raise NotImplementedError(f"{type(self).__name__} has no closed-form density")
+
     def sample(self, batch: int, device=None, generator: torch.Generator | None = None) -> Tensor:
         """(batch,) float32 training times in [0, 1]."""
         t = self.draw(batch, device, generator)
         return t if self.shift == 1.0 else time_shift(t, self.shift)
+
+    def pdf(self, t: Tensor) -> Tensor:
+        """The density of ``sample`` at t, SD3's shift included (change of variables, module docstring)."""
+        if self.shift == 1.0:
+            return self.density(t)
+        r = 1.0 / self.shift
+        return self.density(time_shift(t, r)) * r / (1.0 + (r - 1.0) * t) ** 2
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shift={self.shift})"
@@ -68,7 +81,7 @@ class UniformTime(TimeDensity):
     def draw(self, batch, device=None, generator=None):
         return torch.rand((batch,), device=device, generator=generator)
 
-    def pdf(self, t: Tensor) -> Tensor:
+    def density(self, t: Tensor) -> Tensor:
         return ((t >= 0) & (t <= 1)).to(t.dtype)
 
 
@@ -87,7 +100,7 @@ class LogitNormalTime(TimeDensity):
         n = torch.randn((batch,), device=device, generator=generator)
         return torch.sigmoid(self.loc + self.scale * n)
 
-    def pdf(self, t: Tensor) -> Tensor:
+    def density(self, t: Tensor) -> Tensor:
         z = (torch.logit(t) - self.loc) / self.scale
         return torch.exp(-0.5 * z**2) / (self.scale * math.sqrt(2 * math.pi) * t * (1 - t))
 
@@ -104,8 +117,24 @@ class ModeTime(TimeDensity):
         self.mode_scale = float(mode_scale)
 
     def draw(self, batch, device=None, generator=None):
-        u = torch.rand((batch,), device=device, generator=generator)
+        return self.f(torch.rand((batch,), device=device, generator=generator))
+
+    def f(self, u: Tensor) -> Tensor:
+        """t = f(u) (SD3 Eq. 20): decreasing from f(0) = 1 to f(1) = 0 for every valid mode_scale."""
         return 1.0 - u - self.mode_scale * (torch.cos(0.5 * math.pi * u) ** 2 - 1.0 + u)
+
+    def density(self, t: Tensor) -> Tensor:
+        """1 / |f'(u)| at u = f^-1(t), f'(u) = -1 - c (1 - (pi / 2) sin(pi u)); u by 60 bisection steps."""
+        t64 = t.to(torch.float64)
+        lo, hi = torch.zeros_like(t64), torch.ones_like(t64)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            right = self.f(mid) > t64  # f decreases: the root lies to the right
+            lo, hi = torch.where(right, mid, lo), torch.where(right, hi, mid)
+        u = 0.5 * (lo + hi)
+        slope = 1.0 + self.mode_scale * (1.0 - 0.5 * math.pi * torch.sin(math.pi * u))
+        inside = (t64 >= 0) & (t64 <= 1)
+        return torch.where(inside, 1.0 / slope, torch.zeros_like(t64)).to(t.dtype)
 
 
 class LogNormalSigmaTime(TimeDensity):
