@@ -110,21 +110,31 @@ def profile_inner_product(t_a, gamma_a, t_b, gamma_b) -> np.ndarray:
 def solve_weights(
     in_steps: Sequence[float], in_sigma_rel: Sequence[float], out_step: float, out_sigma_rel: float
 ) -> np.ndarray:
-    """Coefficients x (N,) with sum_i x_i p_i closest to the target profile in L2 (EDM2 App. C.2).
+    """Coefficients x (N,), sum_i x_i = 1, with sum_i x_i p_i closest to the target profile in L2
+    (EDM2 App. C.2, Algorithm 3; NVlabs/edm2 ``solve_posthoc_coefficients``).
 
-    The normal equations A x = b, A_ij = <p_i, p_j> between the snapshot profiles, b_i = <p_i, p_out>, solved
-    by least squares (``np.linalg.lstsq``; A is ill-conditioned for many snapshots, as in EDM2).
+    1. The normal equations A x = b, A_ij = <p_i, p_j> between the snapshot profiles, b_i = <p_i, p_out>,
+       solved by least squares (``np.linalg.lstsq``; A is ill-conditioned for many snapshots, as in EDM2).
+    2. x <- x / sum_i x_i  (EDM2 Algorithm 3, ``X = X / np.sum(X, axis=0)``). Every p_i integrates to one,
+       so the projection of step 1 carries mass sum_i x_i, which falls short of one when the snapshots are
+       few or the target lies outside the tracked sigma_rels (4 snapshots of 0.05 and 0.10, target 0.01:
+       0.725). Rescaling makes the result a weighted average of the snapshots: a constant weight stays
+       that constant instead of shrinking towards zero.
 
     Args:
         in_steps, in_sigma_rel: (N,) step and sigma_rel of each snapshot profile.
         out_step, out_sigma_rel: the profile to reconstruct (its step no later than the last snapshot's).
+
+    Returns:
+        (N,) float64 coefficients summing to one.
     """
     t = np.asarray(in_steps, dtype=np.float64).reshape(-1, 1)
     g = sigma_rel_to_gamma(np.asarray(in_sigma_rel, dtype=np.float64)).reshape(-1, 1)
     g_out = sigma_rel_to_gamma(float(out_sigma_rel))
     A = profile_inner_product(t, g, t.T, g.T)  # (N, N)
     b = profile_inner_product(t, g, float(out_step), g_out)  # (N, 1)
-    return np.linalg.lstsq(A, b, rcond=None)[0].reshape(-1)
+    x = np.linalg.lstsq(A, b, rcond=None)[0].reshape(-1)  # step 1
+    return x / x.sum()  # step 2: a weighted average of the snapshots
 
 
 @torch.no_grad()
@@ -346,7 +356,8 @@ def reconstruct_state(
 
     Returns:
         (state, info): the reconstructed floating-point parameters by name, and
-        ``{"step", "sigma_rel", "snapshots", "coefficients", "coefficient_sum"}``.
+        ``{"step", "sigma_rel", "gamma", "snapshots", "coefficients", "coefficient_sum"}`` (the sum is one
+        to rounding: :func:`solve_weights` normalises it).
     """
     from diffusion_lab.training.checkpoint import safe_torch_load
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
 from diffusion_lab.training.checkpoint_io import atomic_torch_save
 from diffusion_lab.training.phema import (
+    PostHocEMA,
     gamma_to_sigma_rel,
     list_snapshots,
     power_ema_beta,
@@ -18,6 +21,42 @@ from diffusion_lab.training.phema import (
     snapshot_path,
     solve_weights,
 )
+
+# ------------------------------------------------- an independent reference: NVlabs/edm2 training/phema.py
+
+
+def edm2_std_to_exp(sigma_rel: float) -> float:
+    """EDM2 ``std_to_exp``: the largest root of gamma^3 + 7 gamma^2 + (16 - t) gamma + (12 - t),
+    t = sigma_rel^-2."""
+    t = float(sigma_rel) ** -2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+def edm2_p_dot_p(t_a, gamma_a, t_b, gamma_b):
+    """EDM2 ``power_function_correlation``: <p_(t_a, gamma_a), p_(t_b, gamma_b)> (EDM2 App. C.2, Eq. 151)."""
+    t_ratio = t_a / t_b
+    t_exp = np.where(t_a < t_b, gamma_b, -gamma_a)
+    t_max = np.maximum(t_a, t_b)
+    num = (gamma_a + 1) * (gamma_b + 1) * t_ratio**t_exp
+    den = (gamma_a + gamma_b + 1) * t_max
+    return num / den
+
+
+def edm2_coefficients(in_steps, in_sigma_rels, out_step, out_sigma_rel) -> np.ndarray:
+    """EDM2 ``solve_posthoc_coefficients`` (Algorithm 3): solve A X = B, then X / sum(X)."""
+    t = np.float64(in_steps).reshape(-1, 1)
+    g = np.float64([edm2_std_to_exp(s) for s in in_sigma_rels]).reshape(-1, 1)
+    A = edm2_p_dot_p(t, g, t.T, g.T)
+    B = edm2_p_dot_p(t, g, np.float64(out_step), edm2_std_to_exp(out_sigma_rel))
+    X = np.linalg.solve(A, B)
+    return (X / np.sum(X, axis=0)).reshape(-1)
+
+
+def _pairs(n_snapshots: int, every: int = 100) -> tuple[list[int], list[float]]:
+    """The basis of ``n_snapshots`` snapshots of the profiles 0.05 and 0.10, every ``every`` steps, in the
+    order :func:`reconstruct_state` uses: snapshot by snapshot, the profiles of each in order."""
+    steps = [every * k for k in range(1, n_snapshots + 1) for _ in range(2)]
+    return steps, [0.05, 0.10] * n_snapshots
 
 
 def test_sigma_rel_to_gamma_matches_edm2_closed_form():
@@ -31,6 +70,8 @@ def test_sigma_rel_to_gamma_matches_edm2_closed_form():
         assert gamma_to_sigma_rel(g) == pytest.approx(s, rel=1e-10)
     arr = sigma_rel_to_gamma(np.array([0.05, 0.10]))
     assert arr.shape == (2,) and arr[0] > arr[1]  # a shorter EMA has a larger exponent
+    for s in (0.01, 0.05, 0.08, 0.10, 0.2, 0.28):
+        assert sigma_rel_to_gamma(s) == pytest.approx(edm2_std_to_exp(s), rel=1e-12)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.1, 0.29, float("nan")])
@@ -111,3 +152,149 @@ def test_reconstruct_refuses_a_step_without_snapshot(tmp_path):
         reconstruct_state(list_snapshots(tmp_path), 0.05, step=7)
     with pytest.raises(FileNotFoundError, match="callbacks=phema"):
         reconstruct_state([], 0.05)
+
+
+@pytest.mark.parametrize("n_snapshots", [2, 3, 4])
+@pytest.mark.parametrize("target", [0.01, 0.20])
+def test_coefficients_sum_to_one_and_match_edm2(n_snapshots, target):
+    """A target outside the tracked pair (0.05, 0.10), few snapshots: the least-squares projection carries
+    mass 0.52-0.91 only; the coefficients are normalised to sum to one (EDM2 Algorithm 3) and equal EDM2's
+    own solve, written out above, to 1e-8."""
+    steps, rels = _pairs(n_snapshots)
+    x = solve_weights(steps, rels, steps[-1], target)
+    assert x.shape == (2 * n_snapshots,)
+    assert x.sum() == pytest.approx(1.0, abs=1e-10)
+    np.testing.assert_allclose(x, edm2_coefficients(steps, rels, steps[-1], target), rtol=0, atol=1e-8)
+
+
+def test_reconstruction_of_a_constant_trajectory_is_that_constant(tmp_path):
+    """Weights that never change leave every profile of every snapshot equal to them; any weighted average
+    of the snapshots returns them exactly (before the normalisation: 0.725 of them at sigma_rel 0.01)."""
+    const = torch.tensor([0.37, -1.25, 3.0, 1e-3], dtype=torch.float32)
+    for step in (100, 200, 300, 400):
+        atomic_torch_save(
+            {
+                "step": step,
+                "sigma_rels": [0.05, 0.10],
+                "profiles": [{"w": const.clone()}, {"w": const.clone()}],
+            },
+            snapshot_path(tmp_path, step),
+        )
+    for target in (0.01, 0.08, 0.20):
+        state, info = reconstruct_state(list_snapshots(tmp_path), target)
+        assert state["w"].dtype == torch.float32
+        # float64 sum of float32 copies, rounded back to float32: the same bits
+        assert torch.equal(state["w"], const), (state["w"] - const).abs().max()
+        assert info["coefficient_sum"] == pytest.approx(1.0, abs=1e-10)
+
+
+def _fake_run(tmp_path, n_snapshots: int = 3):
+    """A run folder: ``n_snapshots`` snapshots of two profiles with distinct random weights, and a
+    ``last.ckpt``; returns (run_dir, {(step, profile index): weights})."""
+    gen = torch.Generator().manual_seed(3)
+    run = tmp_path / "run"
+    weights = {}
+    for k in range(1, n_snapshots + 1):
+        profiles = []
+        for j in range(2):
+            weights[(100 * k, j)] = torch.randn(3, 2, generator=gen, dtype=torch.float64)
+            profiles.append({"net.w": weights[(100 * k, j)].float()})
+        atomic_torch_save(
+            {"step": 100 * k, "sigma_rels": [0.05, 0.10], "profiles": profiles},
+            snapshot_path(run / "phema", 100 * k),
+        )
+    base = {
+        "hyper_parameters": {"config": {"model": {"name": "mlp"}}},
+        "state_dict": {"net.w": torch.zeros(3, 2), "net.b": torch.ones(2)},
+        "global_step": 100 * n_snapshots,
+        "optimizer_states": [{}],
+    }
+    atomic_torch_save(base, run / "checkpoints" / "last.ckpt")
+    return run, weights
+
+
+def test_reconstruction_is_the_edm2_weighted_sum_of_snapshots(tmp_path):
+    """reconstruct_state at sigma_rel 0.01 (3 snapshots) = sum_i x_i theta_hat_i with EDM2's coefficients,
+    each snapshot's profiles in the order of its ``sigma_rels``."""
+    run, weights = _fake_run(tmp_path)
+    state, info = reconstruct_state(list_snapshots(run / "phema"), 0.01)
+    steps, rels = _pairs(3)
+    x = edm2_coefficients(steps, rels, 300, 0.01)
+    expected = sum(x[i] * weights[(steps[i], i % 2)].float().double() for i in range(6))
+    np.testing.assert_allclose(info["coefficients"], x, rtol=0, atol=1e-8)
+    torch.testing.assert_close(state["net.w"].double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_phema_command_writes_the_normalised_reconstruction(tmp_path, capsys):
+    """``python -m diffusion_lab.phema`` (its ``main``): the checkpoint's EMA weights are the EDM2-weighted
+    sum of the snapshots, its recorded coefficients sum to one, the weights not in the snapshots stay."""
+    from diffusion_lab.phema import main
+
+    run, weights = _fake_run(tmp_path)
+    out = tmp_path / "rec.ckpt"
+    main([f"run_dir={run}", "sigma_rel=0.20", "step=200", f"out={out}"])
+    assert str(out) in capsys.readouterr().out
+    rec = torch.load(out, weights_only=True)
+    steps, rels = _pairs(2)
+    x = edm2_coefficients(steps, rels, 200, 0.20)
+    assert sum(rec["phema"]["coefficients"]) == pytest.approx(1.0, abs=1e-10)
+    np.testing.assert_allclose(rec["phema"]["coefficients"], x, rtol=0, atol=1e-8)
+    expected = sum(x[i] * weights[(steps[i], i % 2)].float().double() for i in range(4))
+    torch.testing.assert_close(rec["state_dict"]["net.w"].double(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(rec["state_dict"]["net.b"], torch.ones(2))
+    assert torch.equal(rec["current_model_state"]["net.w"], torch.zeros(3, 2))
+    assert rec["global_step"] == 200 and "optimizer_states" not in rec
+
+
+# --------------------------------------------- the callback against a power EMA unrolled in closed form
+
+
+def _theta(t: int) -> np.ndarray:
+    """A known, non-monotone weight trajectory theta_t (3 weights), float64."""
+    return np.array([np.sin(0.3 * t) + 0.05 * t, np.cos(0.11 * t) * t**0.5, 1.0 / (1.0 + t)])
+
+
+def _closed_form_power_ema(gamma: float, n: int) -> np.ndarray:
+    """theta_hat_N = sum_t w_t theta_t, EDM2 Eq. 4 unrolled: w_t = (1 - beta_t) prod_(s > t) beta_s with
+    beta_t = (1 - 1/t)^(gamma + 1); beta_1 = 0, so theta_0 gets no weight and sum_t w_t = 1."""
+    beta = np.array([(1.0 - 1.0 / t) ** (gamma + 1.0) for t in range(1, n + 1)])
+    w = np.array([(1.0 - beta[t - 1]) * np.prod(beta[t:]) for t in range(1, n + 1)])
+    assert w.sum() == pytest.approx(1.0, abs=1e-12)
+    return sum(w[t - 1] * _theta(t) for t in range(1, n + 1))
+
+
+def test_callback_profiles_match_the_closed_form_power_ema(tmp_path):
+    """Drive PostHocEMA's own hooks with a fake trainer over theta_1..theta_N, two micro-batches per optimizer
+    step (as with gradient accumulation: the hook runs twice with one global_step). After step 1 every profile
+    is theta_1; after step N each profile is the unrolled power EMA of its gamma (sigma_rel 0.05, 0.10) to
+    1e-10 relative, and the final snapshot holds the same."""
+    n = 40
+    module = torch.nn.Linear(3, 1, bias=False).double()  # float64 weights, so the comparison is to 1e-10
+    trainer = SimpleNamespace(global_step=0, default_root_dir=str(tmp_path), ckpt_path=None)
+    cb = PostHocEMA(sigma_rels=(0.05, 0.10), every_n_steps=1000, max_snapshots=2)
+
+    def set_weights(t: int) -> None:
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(_theta(t)).view(1, 3))
+
+    set_weights(0)
+    cb.on_train_start(trainer, module)
+    cb.on_train_batch_end(trainer, module, None, None, 0)  # step 0: no optimizer step yet, no update
+    for t in range(1, n + 1):
+        set_weights(t)
+        trainer.global_step = t
+        for micro in range(2):
+            cb.on_train_batch_end(trainer, module, None, None, 2 * t - 1 + micro)
+        if t == 1:
+            for profile in cb.profiles:
+                assert torch.equal(profile["weight"].view(-1), torch.from_numpy(_theta(1)))
+    gammas = [edm2_std_to_exp(0.05), edm2_std_to_exp(0.10)]
+    cb.on_train_end(trainer, module)
+    (snap,) = [torch.load(p, weights_only=True) for _, p in list_snapshots(tmp_path / "phema")]
+    assert snap["step"] == n
+    for k, gamma in enumerate(gammas):
+        expected = _closed_form_power_ema(gamma, n)
+        for got in (cb.profiles[k]["weight"], snap["profiles"][k]["weight"]):
+            np.testing.assert_allclose(got.view(-1).numpy(), expected, rtol=1e-10, atol=0)
+    # the two profiles really differ (a check that would pass with one shared gamma could not tell them apart)
+    assert np.abs(_closed_form_power_ema(gammas[0], n) - _closed_form_power_ema(gammas[1], n)).max() > 1e-2
