@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion, ModelFn
+from diffusion_lab.processes.likelihood_ode import ode_interval
 from diffusion_lab.processes.paths import Coefs
 from diffusion_lab.samplers.common import Callback, _null_labels, check_x_T, make_x0_processor, randn_like
 from diffusion_lab.utils.progress import track
@@ -96,8 +97,8 @@ def euler_maruyama_sample(
         steps: network evaluations (>= 2): steps - 1 SDE steps uniform in t, then the denoised mean.
         grid: only ``time_uniform`` (uniform in t, as SiT).
         diffusion_form, diffusion_norm: w(t) (``DIFFUSION_FORMS``) and its factor (0 = the ODE, Euler in t).
-        t_start: the first time (default: the path's t_max, or the objective's ``t_top``);
-        t_end: the last (the path's t_min at least).
+        t_start: the first time (default: the upper end of the objective's ODE interval, ``ode_interval``);
+        t_end: the last (the lower end of that interval at least).
     Returns:
         (B, C, H, W) samples.
     """
@@ -111,8 +112,9 @@ def euler_maruyama_sample(
     if not hasattr(diffusion, "predict"):
         raise ValueError(f"euler_maruyama needs a diffusion with a continuous view, got {type(diffusion)}")
     path = diffusion.path()
-    t0 = getattr(diffusion, "t_top", path.t_max) if t_start is None else float(t_start)
-    t1 = max(float(t_end), path.t_min)
+    lo, hi = ode_interval(diffusion)  # where the model's conversions are defined (SiT's check_interval)
+    t0 = hi if t_start is None else float(t_start)
+    t1 = max(float(t_end), lo)
     if not path.t_min <= t1 < t0 <= path.t_max:
         raise ValueError(
             f"euler_maruyama: need {path.t_min:g} <= t_end < t_start <= {path.t_max:g}, got {t1:g}, {t0:g}"
