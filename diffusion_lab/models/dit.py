@@ -21,6 +21,13 @@ as the identity and the network outputs exactly zero.
 Attention runs through :func:`torch.nn.functional.scaled_dot_product_attention` (fused kernels on CPU and
 GPU). Label dropout for classifier-free guidance is the training module's job (``cond_drop_prob``), as for
 the U-Net, so the network holds no randomness.
+
+Position table versions. The fixed table is kept out of the state_dict, so the weights carry its layout as
+the integer buffer ``pos_embed_version``:
+
+    2 (current): MAE / DiT's table, the first hidden_size / 2 channels encode the column, the rest the row.
+    1: earlier versions of this module, the two halves swapped (row first). Their checkpoints hold no
+       ``pos_embed_version``; loading one sets version 1 and rebuilds the table they were trained with.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from diffusion_lab.models.embeddings import timestep_embedding
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "patchify", "unpatchify", "sincos_pos_embed_2d", "modulate"]
 
 FREQUENCY_DIM = 256  # width of the timestep sinusoid before the MLP (paper's TimestepEmbedder)
+POS_EMBED_VERSION = 2  # layout of the position table, see the module docstring
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -73,17 +81,25 @@ def sincos_pos_embed_1d(dim: int, pos: Tensor) -> Tensor:
     return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
 
 
-def sincos_pos_embed_2d(dim: int, h: int, w: int) -> Tensor:
-    """Fixed 2-D sin-cos position embedding of an h x w grid (MAE / DiT): (h w, dim) float32, row-major.
+def sincos_pos_embed_2d(dim: int, h: int, w: int, rows_first: bool = False) -> Tensor:
+    """Fixed 2-D sin-cos position embedding of an h x w grid (MAE / DiT): (h w, dim) float32.
 
-    The first dim / 2 channels encode the row, the other dim / 2 the column, each with
-    :func:`sincos_pos_embed_1d`. ``dim`` must be a multiple of 4.
+    Token k sits at row k // w, column k % w (row-major, as :func:`patchify`). Channels [0, dim / 2) hold
+    :func:`sincos_pos_embed_1d` of the column, channels [dim / 2, dim) that of the row:
+
+        pe[k] = [sin(col omega), cos(col omega), sin(row omega), cos(row omega)]   (dim / 4 values each)
+        omega_i = 10000^(-i / (dim / 4)),  i = 0, ..., dim / 4 - 1
+
+    the layout of MAE's ``get_2d_sincos_pos_embed`` (its ``meshgrid(grid_w, grid_h)`` puts the column in
+    ``grid[0]``, which fills the first half) and so of facebookresearch/DiT. ``rows_first`` swaps the halves:
+    the table of this module's version 1 (see the module docstring). ``dim`` must be a multiple of 4.
     """
     if dim % 4:
         raise ValueError(f"sincos_pos_embed_2d: hidden_size must be a multiple of 4, got {dim}")
     rows = torch.arange(h).repeat_interleave(w)  # (h w,) row of each token
     cols = torch.arange(w).repeat(h)  # (h w,) column of each token
-    emb = torch.cat([sincos_pos_embed_1d(dim // 2, rows), sincos_pos_embed_1d(dim // 2, cols)], dim=1)
+    first, second = (rows, cols) if rows_first else (cols, rows)
+    emb = torch.cat([sincos_pos_embed_1d(dim // 2, first), sincos_pos_embed_1d(dim // 2, second)], dim=1)
     return emb.float()
 
 
@@ -215,8 +231,11 @@ class DiT(nn.Module):
         # a convolution with kernel = stride = p is a Linear on each flattened patch
         self.patch_embed = nn.Conv2d(self.in_channels, D, kernel_size=p, stride=p)
         grid = self.image_size // p
-        # fixed, derived from the config: a buffer left out of the state_dict
+        # fixed, derived from the config: a buffer left out of the state_dict; its layout version is saved
+        self.pos_rows_first = False
         self.register_buffer("pos_embed", sincos_pos_embed_2d(D, grid, grid)[None], persistent=False)
+        self.register_buffer("pos_embed_version", torch.tensor(POS_EMBED_VERSION), persistent=True)
+        self.register_load_state_dict_pre_hook(DiT._load_pos_embed_version)
         self.time_embed = nn.Sequential(nn.Linear(FREQUENCY_DIM, D), nn.SiLU(), nn.Linear(D, D))
         self.label_embed = None
         if self.num_classes is not None:
@@ -246,6 +265,22 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def _load_pos_embed_version(self, state_dict: dict, prefix: str, *args) -> None:
+        """Load-state-dict pre-hook: a state without ``pos_embed_version`` predates version 2 (rows first)."""
+        key = prefix + "pos_embed_version"
+        if key not in state_dict:
+            state_dict[key] = torch.tensor(1)  # the caller's dict is not touched: load_state_dict copies it
+        version = int(state_dict[key])
+        if version not in (1, 2):
+            raise ValueError(
+                f"DiT: unknown pos_embed_version {version} in the state_dict (this code knows 1, 2)"
+            )
+        self.pos_rows_first = version == 1
+        grid = self.image_size // self.patch_size
+        table = sincos_pos_embed_2d(self.hidden_size, grid, grid, rows_first=self.pos_rows_first)
+        with torch.no_grad():
+            self.pos_embed.copy_(table[None])
+
     def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
         """Conditioning c = time embedding (+ label embedding), (B, hidden_size)."""
         weight = self.time_embed[0].weight
@@ -267,7 +302,7 @@ class DiT(nn.Module):
         """(1, h w, D) position table: the stored one for the built size, a fresh one otherwise."""
         if h * w == self.pos_embed.shape[1] and h == w == self.image_size // self.patch_size:
             return self.pos_embed
-        return sincos_pos_embed_2d(self.hidden_size, h, w).to(like.device)[None]
+        return sincos_pos_embed_2d(self.hidden_size, h, w, self.pos_rows_first).to(like.device)[None]
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """Predict from a noisy batch.

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffusion_lab.models import DiT, count_parameters
-from diffusion_lab.models.dit import patchify, sincos_pos_embed_2d, unpatchify
+from diffusion_lab.models.dit import DiTBlock, FinalLayer, patchify, sincos_pos_embed_2d, unpatchify
 from diffusion_lab.processes.diffusion import GaussianDiffusion
 from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers import guided_model_output
@@ -138,14 +140,61 @@ def test_sincos_positions_closed_form_rows_and_columns():
     assert pe.shape == (h * w, D)
     k = 2 * w + 3  # row 2, column 3
     omega = 1.0 / 10000 ** (torch.arange(4, dtype=torch.float64) / 4)  # D / 4 frequencies per axis
-    expect = torch.cat(
-        [torch.sin(2 * omega), torch.cos(2 * omega), torch.sin(3 * omega), torch.cos(3 * omega)]
+    expect = torch.cat(  # column first, then row
+        [torch.sin(3 * omega), torch.cos(3 * omega), torch.sin(2 * omega), torch.cos(2 * omega)]
     )
     torch.testing.assert_close(pe[k].double(), expect, atol=1e-6, rtol=0)
     grid = pe.reshape(h, w, D)
-    assert torch.equal(grid[:, 0, : D // 2], grid[:, 4, : D // 2])  # first half: the row only
-    assert torch.equal(grid[0, :, D // 2 :], grid[2, :, D // 2 :])  # second half: the column only
+    assert torch.equal(grid[0, :, : D // 2], grid[2, :, : D // 2])  # first half: the column only
+    assert torch.equal(grid[:, 0, D // 2 :], grid[:, 4, D // 2 :])  # second half: the row only
     assert torch.cdist(pe, pe).add(torch.eye(h * w)).min() > 0.1  # every position distinct
+
+
+def mae_pos_embed(dim: int, h: int, w: int) -> np.ndarray:
+    """MAE's ``get_2d_sincos_pos_embed`` (facebookresearch/mae util/pos_embed.py, copied by DiT), written out
+    for an h x w grid: (h w, dim)."""
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(d // 2, dtype=np.float64) / (d / 2.0)
+        omega = 1.0 / 10000**omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    grid = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))  # w goes first
+    grid = np.stack(grid, axis=0).reshape(2, 1, h, w)
+    return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
+
+
+@pytest.mark.parametrize("dim,h,w", [(16, 3, 5), (16, 5, 3), (32, 4, 4), (8, 2, 2)])
+def test_sincos_positions_equal_mae_and_dit(dim, h, w):
+    torch.testing.assert_close(
+        sincos_pos_embed_2d(dim, h, w).double(), torch.from_numpy(mae_pos_embed(dim, h, w)), atol=1e-6, rtol=0
+    )
+
+
+def test_checkpoint_without_pos_embed_version_keeps_its_row_first_table():
+    """Version 1 of the table (row in the first half) is the one state_dicts without ``pos_embed_version``
+    were trained with: loading one rebuilds it, for the built size and for others; version 2 round-trips."""
+    trained = perturb(tiny())
+    assert int(trained.state_dict()["pos_embed_version"]) == 2
+    # as the training module holds it ("model." keys), through a copy as the EMA callback makes one
+    old_state = {f"model.{k}": v for k, v in trained.state_dict().items() if k != "pos_embed_version"}
+    parent = copy.deepcopy(torch.nn.ModuleDict({"model": tiny()}))
+    parent.load_state_dict(old_state)
+    old = parent["model"]
+    assert "model.pos_embed_version" not in old_state and int(old.pos_embed_version) == 1
+
+    def rows_first(h, w):  # the MAE table with its halves swapped
+        return torch.from_numpy(mae_pos_embed(32, h, w)).float().roll(16, dims=1)
+
+    torch.testing.assert_close(old.pos_embed[0], rows_first(4, 4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(old.positions(3, 5, old.pos_embed)[0], rows_first(3, 5), atol=1e-6, rtol=0)
+    assert int(old.state_dict()["pos_embed_version"]) == 1  # and it saves as version 1 again
+    new = tiny()
+    new.load_state_dict(old.state_dict() | {"pos_embed_version": torch.tensor(2)})
+    torch.testing.assert_close(new.pos_embed[0], torch.from_numpy(mae_pos_embed(32, 4, 4)).float())
+    with pytest.raises(ValueError, match="unknown pos_embed_version 3"):
+        new.load_state_dict(old.state_dict() | {"pos_embed_version": torch.tensor(3)})
 
 
 def test_other_input_sizes_get_fresh_positions():
@@ -153,6 +202,139 @@ def test_other_input_sizes_get_fresh_positions():
     torch.testing.assert_close(model.pos_embed[0], sincos_pos_embed_2d(32, 4, 4))
     out = model(torch.randn(2, 1, 12, 16), torch.tensor([3, 7]), torch.tensor([1, 2]))
     assert out.shape == (2, 1, 12, 16) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------- the reference network (facebookresearch/DiT)
+# Written out from DiT's models.py and timm's Attention / Mlp, on the module's own parameter tensors, so the
+# comparisons check the wiring: chunk order of the modulation, 1 + scale, the fused qkv layout, the heads.
+
+
+def ref_layer_norm(x):
+    """LayerNorm(elementwise_affine=False, eps=1e-6) over the last axis."""
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + 1e-6)
+
+
+def ref_modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def ref_linear(layer, x):
+    return x @ layer.weight.T + layer.bias
+
+
+def ref_attention(attn, x, heads):
+    """timm's Attention: qkv.reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4), then
+    softmax(q k^T / sqrt(head_dim)) v per head."""
+    B, N, D = x.shape
+    d = D // heads
+    q, k, v = ref_linear(attn.qkv, x).reshape(B, N, 3, heads, d).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(d), dim=-1) @ v  # (B, heads, N, d)
+    return ref_linear(attn.proj, a.transpose(1, 2).reshape(B, N, D))
+
+
+def ref_mlp(mlp, x):
+    """Linear -> GELU (tanh approximation) -> Linear."""
+    h = ref_linear(mlp[0], x)
+    h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    return ref_linear(mlp[2], h)
+
+
+def ref_block(block, x, c, heads):
+    mod = ref_linear(block.adaLN_modulation[1], F.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+    x = x + gate_msa.unsqueeze(1) * ref_attention(
+        block.attn, ref_modulate(ref_layer_norm(x), shift_msa, scale_msa), heads
+    )
+    return x + gate_mlp.unsqueeze(1) * ref_mlp(
+        block.mlp, ref_modulate(ref_layer_norm(x), shift_mlp, scale_mlp)
+    )
+
+
+def ref_final_layer(final, x, c):
+    shift, scale = ref_linear(final.adaLN_modulation[1], F.silu(c)).chunk(2, dim=1)
+    return ref_linear(final.linear, ref_modulate(ref_layer_norm(x), shift, scale))
+
+
+def ref_timestep_embedding(t, dim=256, max_period=10000):
+    """DiT's TimestepEmbedder.timestep_embedding (GLIDE), float32 as there: [cos(t f), sin(t f)],
+    f_i = max_period^(-i / half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def ref_dit(model, x, t, y, heads):
+    """DiT.forward of facebookresearch/DiT for an h x w patch grid, labels y (None: the null class)."""
+    B, C, H, W = x.shape
+    p = model.patch_size
+    h, w = H // p, W // p
+    patches = x.reshape(B, C, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, C * p * p)  # conv order
+    tokens = patches @ model.patch_embed.weight.reshape(model.hidden_size, -1).T + model.patch_embed.bias
+    tokens = tokens + torch.from_numpy(mae_pos_embed(model.hidden_size, h, w)).float().to(x.dtype)  # as DiT
+    te = model.time_embed
+    c = ref_linear(te[2], F.silu(ref_linear(te[0], ref_timestep_embedding(t).to(x.dtype))))
+    if model.label_embed is not None:
+        labels = torch.full((B,), model.num_classes) if y is None else y
+        c = c + model.label_embed.weight[labels]
+    for block in model.blocks:
+        tokens = ref_block(block, tokens, c, heads)
+    out = ref_final_layer(model.final_layer, tokens, c).reshape(B, h, w, p, p, -1)
+    return torch.einsum("nhwpqc->nchpwq", out).reshape(B, -1, h * p, w * p)
+
+
+def randomise(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn N(0, std^2) in float64: modulation shifts, scales and gates all non-zero and
+    distinct, so a swap of any two of them changes the output."""
+    torch.manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for prm in module.parameters():
+            prm.normal_(0.0, std)
+    return module
+
+
+def test_dit_block_matches_the_reference_block():
+    D, heads = 24, 3  # head_dim 8 != heads, so a transposed (head_dim, heads) split shows
+    block = randomise(DiTBlock(D, heads, mlp_ratio=2.0))
+    x, c = torch.randn(2, 6, D, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64)
+    with torch.no_grad():
+        out, ref = block(x, c), ref_block(block, x, c, heads)
+    assert (out - x).abs().mean() > 0.1  # the residual branches are live
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_final_layer_matches_the_reference_final_layer():
+    D, p, C = 16, 2, 3
+    final = randomise(FinalLayer(D, p, C))
+    x, c = torch.randn(2, 6, D, dtype=torch.float64), torch.randn(2, D, dtype=torch.float64)
+    with torch.no_grad():
+        out = final(x, c)
+    assert out.shape == (2, 6, p * p * C)
+    torch.testing.assert_close(out, ref_final_layer(final, x, c), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (8, 12)], ids=["built", "other"])
+@pytest.mark.parametrize("num_classes", [None, 10])
+def test_forward_matches_the_reference_network(size, num_classes):
+    """The whole network on random weights, at the built size (stored table) and a non-square other size."""
+    model = randomise(
+        DiT(2, 3, 8, patch_size=2, hidden_size=24, depth=2, num_heads=3, num_classes=num_classes)
+    )
+    x = torch.randn(2, 2, *size, dtype=torch.float64)
+    t = torch.tensor([3, 700])
+    y = None if num_classes is None else torch.tensor([4, 10])
+    with torch.no_grad():
+        out = model(x, t, y)
+        ref = ref_dit(model, x, t, y, heads=3)
+        assert out.shape == (2, 3, *size)
+        torch.testing.assert_close(out, ref, atol=1e-7, rtol=1e-7)  # float32 tables, as DiT
+        if num_classes is not None:
+            torch.testing.assert_close(
+                model(x, t, None), ref_dit(model, x, t, None, heads=3), atol=1e-7, rtol=1e-7
+            )
 
 
 # ------------------------------------------------------------------------------------- conditioning
