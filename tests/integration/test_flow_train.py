@@ -34,6 +34,10 @@ def test_flow_and_interpolant_train_and_sample(make_cfg, objective):
     module, _, _ = load_module(result["last_checkpoint"])
     d = module.diffusion
     assert isinstance(d, FlowMatching) and d._options["path"] == cfg.objective.path
+    # SiT's defaults survive the stored config: score in eps units on [1e-3, 1 - 1e-3], velocity on [0, 1]
+    score = cfg.objective.prediction == "score"
+    assert d.weighting == ("eps" if score else "none")
+    assert d.ode_interval() == ((1e-3, 1 - 1e-3) if score else (0.0, 1.0))
     for name, steps in (("heun", 3), ("euler_maruyama", 4), ("dpm_solver", 3)):
         x = sample(module.model.eval(), d, (2, 1, 8, 8), sampler=name, steps=steps)
         assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all() and x.abs().max() <= 1

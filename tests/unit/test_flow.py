@@ -18,7 +18,7 @@ import torch
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion
 from diffusion_lab.processes.edm import EDMDiffusion
-from diffusion_lab.processes.flow import FlowMatching, ot_pairing
+from diffusion_lab.processes.flow import FlowMatching
 from diffusion_lab.processes.paths import GVPPath, LinearPath
 from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.processes.time_sampling import LogitNormalTime, LogNormalSigmaTime, ModeTime, time_shift
@@ -176,14 +176,6 @@ def test_eps_weighting_turns_any_prediction_into_the_eps_loss():
 
         loss = d.training_losses(wrong, x0, t=t, eps=eps)["loss"]
         torch.testing.assert_close(loss.double(), (err**2).flatten(1).mean(1), rtol=1e-5, atol=1e-8)
-
-
-def test_ot_coupling_is_a_cheaper_permutation():
-    g = torch.Generator().manual_seed(3)
-    x0, eps = torch.randn(32, 1, 2, 2, generator=g), torch.randn(32, 1, 2, 2, generator=g)
-    paired = ot_pairing(x0, eps)
-    assert sorted(paired.flatten(1).sum(1).tolist()) == sorted(eps.flatten(1).sum(1).tolist())
-    assert float(((x0 - paired) ** 2).sum()) < float(((x0 - eps) ** 2).sum())
 
 
 def test_bad_options_fail_in_one_line():
