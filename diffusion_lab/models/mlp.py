@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.models.embeddings import timestep_embedding
+from diffusion_lab.models.unet import check_input_devices
 
 __all__ = ["MLP", "MLPBlock"]
 
@@ -105,7 +106,8 @@ class MLP(nn.Module):
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         """x: (B, C_in, H, W), t: (B,) int or float, y: (B,) int64 | None -> (B, C_out, H, W).
 
-        ``y`` is ignored by an unconditional model.
+        ``y`` is ignored by an unconditional model. The tensors live on the weights' device (another device: a
+        one-line ValueError); t may also be a number.
         """
         B = x.shape[0]
         if x.ndim != 4 or tuple(x.shape[1:]) != (self.in_channels, self.image_size, self.image_size):
@@ -113,7 +115,8 @@ class MLP(nn.Module):
                 f"MLP: expected x of shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                 f"got {tuple(x.shape)}; the MLP is built for one image size (set image_size)"
             )
-        t = torch.as_tensor(t, device=x.device)
+        check_input_devices("MLP", self.inp.weight, x=x, t=t, y=y)
+        t = torch.as_tensor(t, device=x.device)  # a number: made there; a tensor is there already
         if t.ndim == 0:
             t = t.expand(B)
         if t.shape != (B,):

@@ -28,9 +28,31 @@ from torch import Tensor, nn
 
 from diffusion_lab.models.embeddings import timestep_embedding
 
-__all__ = ["UNet", "ResBlock", "AttentionBlock", "Downsample", "Upsample", "group_norm", "attention_levels"]
+__all__ = [
+    "UNet",
+    "ResBlock",
+    "AttentionBlock",
+    "Downsample",
+    "Upsample",
+    "group_norm",
+    "attention_levels",
+    "check_input_devices",
+]
 
 Size = Sequence[int] | None  # a target (H, W) for upsampling, or None for "twice as large"
+
+
+def check_input_devices(name: str, weight: Tensor, **inputs: object) -> None:
+    """One-line ValueError where an input tensor is not on the weights' device (a device comparison: no copy,
+    no sync). Python numbers among ``inputs`` (a scalar t) and None are fine."""
+    bad = [
+        f"{k} on {v.device}" for k, v in inputs.items() if isinstance(v, Tensor) and v.device != weight.device
+    ]
+    if bad:
+        raise ValueError(
+            f"{name}: input {', '.join(bad)} but the weights on {weight.device}: put the model and its "
+            "inputs on one device (model.to(device), x.to(device))"
+        )
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
@@ -350,8 +372,8 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(conv3x3(ch, self.out_channels)))
 
     def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
-        """Time (+ class) embedding, (B, 4 * channels)."""
-        t = torch.as_tensor(t, device=self.time_embed[0].weight.device)
+        """Time (+ class) embedding, (B, 4 * channels); t (B,) on the weights' device, or a number."""
+        t = torch.as_tensor(t, device=self.time_embed[0].weight.device)  # a number is made there
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape != (batch,):
@@ -369,8 +391,9 @@ class UNet(nn.Module):
         """Predict from a noisy batch.
 
         Args:
-            x: (B, in_channels, H, W).
-            t: (B,) timesteps, int64 or float (0-based; the network only sees their sinusoidal embedding).
+            x: (B, in_channels, H, W), on the weights' device (another device: a one-line ValueError).
+            t: (B,) timesteps, int64 or float (0-based; the network only sees their sinusoidal embedding), on
+                the weights' device too, or a number.
             y: (B,) int64 class labels in [0, num_classes], ``num_classes`` meaning "no class"; None gives
                 the null class. Ignored by an unconditional model (``num_classes=None``).
 
@@ -379,6 +402,7 @@ class UNet(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"UNet: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_input_devices("UNet", self.time_embed[0].weight, x=x, t=t, y=y)
         emb = self.embed(t, y, x.shape[0])
         hs: list[Tensor] = []
         h = x

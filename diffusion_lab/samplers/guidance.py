@@ -25,13 +25,20 @@ network alone and is unguided sampling exactly.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from torch import Tensor
 
-__all__ = ["AutoGuidance", "check_guide"]
+from diffusion_lab.processes.diffusion import GaussianDiffusion
+from diffusion_lab.processes.edm import EDMDiffusion
+from diffusion_lab.processes.flow import FlowMatching
+from diffusion_lab.processes.parameterization import get_parameterization, get_prediction
+
+__all__ = ["AutoGuidance", "check_guide", "guide_settings", "FREE_SETTINGS"]
 
 ModelFn = Callable[..., Tensor]
 
@@ -74,22 +81,46 @@ class AutoGuidance:
         return getattr(self.main, name)
 
 
-# Run-config entries that must agree between a model and its guide: the data, and the noise process and
-# parameterization that turn the network output into a denoiser. The architecture may differ.
-GUIDE_KEYS = (
-    "dataset.name",
-    "dataset.image_size",
-    "dataset.channels",
-    "class_conditional",
-    "objective._target_",
-    "objective.parameterization",
-    "objective.variance",
-    "objective.sigma_data",
-    "objective.sigma_min",
-    "objective.sigma_max",
-    "objective.discrete_steps",
-    "schedule",
+# What a guide must share with the model. Both networks see the same (x_t, t_model, y) and the main model's
+# process turns their outputs into one denoiser, so every setting that fixes what the network's input and
+# output mean must agree: the data, and every argument of the objective's class except those listed here per
+# family (the most specific class first), which change what is trained or how it is sampled, not what the
+# output means. An argument added to a class later is compared until it is listed here.
+#   discrete: t_model is a step of the schedule's chain (so the schedule group is compared as well) and the
+#       output is the parameterization's (with the variance channels); the loss and its weighting are free.
+#   EDM: the network sees c_in x and c_noise(sigma) and outputs F, all fixed by sigma_data (Karras et al.
+#       2022, Eq. 7); the training density (P_mean, P_std) and the samplers' grid are free.
+#   flow / interpolant: the network sees x_t of ``path`` and time_scale t, and outputs ``prediction``; the
+#       time density, loss weighting, t_eps, sampling interval, coupling and discrete view are free (the
+#       schedule group is not used).
+DATA_KEYS = ("dataset.name", "dataset.image_size", "dataset.channels", "class_conditional")
+_BUILT = ("schedule", "times", "sigmas", "timestep_map")  # passed by the builder or by respacing, not configs
+# (objective class, uses the schedule group, its arguments free to differ)
+FREE_SETTINGS: tuple[tuple[type, bool, frozenset[str]], ...] = (
+    (
+        FlowMatching,
+        False,
+        frozenset(
+            {
+                *_BUILT,
+                *("time_density", "loc", "scale", "mode_scale", "P_mean", "P_std", "shift"),
+                *("loss_weighting", "min_snr_gamma", "t_eps", "sample_eps", "coupling", "discrete_steps"),
+            }
+        ),
+    ),
+    (
+        EDMDiffusion,
+        False,
+        frozenset({*_BUILT, "P_mean", "P_std", "sigma_min", "sigma_max", "rho", "discrete_steps"}),
+    ),
+    (
+        GaussianDiffusion,
+        True,
+        frozenset({*_BUILT, "loss", "loss_weighting", "min_snr_gamma", "hybrid_lambda"}),
+    ),
 )
+# names with aliases (prediction: noise = eps), compared by what they build
+_CANONICAL = {"prediction": get_prediction, "parameterization": get_parameterization}
 
 
 def _select(cfg: Mapping, dotted: str) -> Any:
@@ -99,6 +130,64 @@ def _select(cfg: Mapping, dotted: str) -> Any:
             return None
         node = node[part]
     return node
+
+
+def _target(node: Any) -> Any:
+    """The function or class a config node's ``_target_`` names (None where it names none importable)."""
+    try:
+        return get_object(str(node["_target_"]))
+    except Exception:
+        return None
+
+
+def _arguments(node: Any) -> dict[str, Any]:
+    """A ``_target_`` node's arguments: its own values over its target's defaults (a config written before
+    an argument existed holds that argument's default)."""
+    if not isinstance(node, Mapping):
+        return {}
+    out: dict[str, Any] = {}
+    target = _target(node)
+    if target is not None:
+        try:
+            params = inspect.signature(target).parameters.values()
+        except (TypeError, ValueError):
+            params = []
+        out = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    out.update({k: v for k, v in node.items() if not str(k).startswith("_")})
+    return out
+
+
+def _canonical(name: str, value: Any) -> Any:
+    try:
+        return _CANONICAL[name](value).name if name in _CANONICAL else value
+    except (ValueError, TypeError):
+        return value
+
+
+def guide_settings(cfg: Mapping) -> dict[str, Any]:
+    """The run-config settings that fix what a model's network output means, ``{"dotted.key": value}``.
+
+    The data (``DATA_KEYS``), ``objective._target_``, the objective's arguments other than its family's
+    ``FREE_SETTINGS`` (defaults filled in, aliases resolved) and, for the discrete family, the schedule
+    group's. A target that is no known objective keeps every argument and the schedule.
+    """
+    out = {key: _select(cfg, key) for key in DATA_KEYS}
+    objective = _select(cfg, "objective")
+    out["objective._target_"] = _select(cfg, "objective._target_")
+    cls = _target(objective) if isinstance(objective, Mapping) else None
+    family = next(
+        ((s, f) for c, s, f in FREE_SETTINGS if isinstance(cls, type) and issubclass(cls, c)),
+        (True, frozenset()),
+    )
+    uses_schedule, free = family
+    for name, value in sorted(_arguments(objective).items()):
+        if name not in free:
+            out[f"objective.{name}"] = _canonical(name, value)
+    if uses_schedule:
+        schedule = _arguments(_select(cfg, "schedule"))
+        out["schedule._target_"] = _select(cfg, "schedule._target_")
+        out.update({f"schedule.{k}": v for k, v in sorted(schedule.items())})
+    return out
 
 
 def check_guide(
@@ -112,6 +201,9 @@ def check_guide(
 ) -> None:
     """Raise a one-line ValueError naming every setting where the guide does not fit the main model.
 
+    The settings compared are :func:`guide_settings`; the architecture, training length and every setting
+    that changes only how a model was trained or is sampled may differ.
+
     Args:
         main_cfg, guide_cfg: the two checkpoints' resolved run configs (plain dicts or DictConfigs).
         main_shape, guide_shape: (C, H, W) of the images each was trained on.
@@ -123,11 +215,12 @@ def check_guide(
     conditional = bool(_select(main_cfg, "class_conditional"))
     if conditional and int(main_classes) != int(guide_classes):
         diffs.append(f"classes {guide_classes} vs {main_classes}")
-    edm = "edm" in str(_select(main_cfg, "objective._target_")).lower()
-    for key in GUIDE_KEYS:
-        if key == "schedule" and edm:  # EDM's continuous noise levels do not use the schedule group
-            continue
-        a, b = _select(guide_cfg, key), _select(main_cfg, key)
+    main, guide = guide_settings(main_cfg), guide_settings(guide_cfg)
+    same_objective = main["objective._target_"] == guide["objective._target_"]
+    for key in dict.fromkeys([*main, *guide]):
+        if not same_objective and key != "objective._target_" and key.startswith(("objective.", "schedule.")):
+            continue  # another objective class: its own settings are not comparable, the class is named
+        a, b = guide.get(key), main.get(key)
         if a != b:
             diffs.append(f"{key} {a!r} vs {b!r}")
     if diffs:

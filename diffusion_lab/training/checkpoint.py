@@ -143,8 +143,27 @@ def check_compatible(ckpt_config: dict, cfg: DictConfig | dict, path: str | Path
         )
 
 
+def _weights_device(state: dict, path: str | Path) -> torch.device | None:
+    """The one device the loaded tensors of ``state`` lie on (None: no tensors); several: a ValueError."""
+    devices = {v.device for v in state.values() if isinstance(v, torch.Tensor)}
+    if len(devices) > 1:
+        names = ", ".join(sorted(str(d) for d in devices))
+        raise ValueError(
+            f"checkpoint {path}: map_location put its weights on several devices ({names}); "
+            "give one device, e.g. map_location='cuda'"
+        )
+    return next(iter(devices), None)
+
+
 def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
-    """Rebuild the :class:`DiffusionModule` of a checkpoint, with its EMA weights (or the raw ones).
+    """Rebuild the :class:`DiffusionModule` of a checkpoint, with its EMA weights (or the raw ones), on the
+    device of ``map_location``.
+
+    Args:
+        map_location: a device (``"cuda"``, ``torch.device("cpu")``, ``"meta"``): the module comes back
+            there. ``torch.load``'s other forms (None: where the weights were saved; a dict or a callable
+            remapping storages) load the weights where they say, and the module follows the weights.
+        ema: the EMA weights (the checkpoint's ``state_dict``), else the raw ones where stored.
 
     The checkpoint's run config is checked first: every ``_target_`` in it outside the launch-time parts
     (trainer, callbacks, loggers, which no command builds from a checkpoint) must be one that the configs
@@ -169,8 +188,14 @@ def load_module(path: str | Path, map_location: Any = "cpu", ema: bool = True):
         raise ValueError(
             f"checkpoint {path} was not written by diffusion_lab (no image shape inside)"
         ) from None
-    module, _ = build_module(cfg, image_shape, num_classes)
+    module, _ = build_module(cfg, image_shape, num_classes)  # on the CPU
     state = ckpt["state_dict"] if ema or "current_model_state" not in ckpt else ckpt["current_model_state"]
+    if isinstance(map_location, (str, torch.device)):
+        device = torch.device(map_location)
+    else:
+        device = _weights_device(state, path)
+    if device is not None:
+        module.to(device)  # before loading: the weights are copied on their device, not through the CPU
     try:
         module.load_state_dict(state)
     except RuntimeError as e:

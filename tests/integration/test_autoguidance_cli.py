@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import FAST, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from diffusion_lab.sample import CONF_DIR, _sample
+from diffusion_lab.train import train
 
 
 def _sample_cfg(ckpt, out, *overrides):
@@ -51,3 +53,54 @@ def test_auto_guidance_weight_one_is_unguided_and_other_weights_guide(tiny_check
 def test_auto_guidance_bad_options_are_refused(tiny_checkpoint, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         _sample(_sample_cfg(tiny_checkpoint, tmp_path / "x", *overrides))
+
+
+@pytest.fixture(scope="module")
+def flow_checkpoints(tmp_path_factory):
+    """Three tiny flow runs (30 steps, as ``tiny_checkpoint``): the model, a guide trained differently
+    (uniform t, another schedule group, t_eps, discrete view), and a noise-predicting one."""
+    runs = {
+        "main": ["objective=flow"],
+        "compatible": [
+            "objective=interpolant",
+            "schedule=cosine",
+            "objective.t_eps=0.001",
+            "objective.discrete_steps=100",
+        ],
+        "noise": ["objective=interpolant", "objective.prediction=noise"],
+    }
+    out = {}
+    for name, overrides in runs.items():
+        root = tmp_path_factory.mktemp(f"flow_{name}")
+        cfg = compose_config(
+            root,
+            FAST
+            + overrides
+            + [
+                "callbacks=default",
+                "callbacks.sample_grid=null",
+                "callbacks.progress_bar=null",
+                "trainer.max_steps=30",
+                "trainer.val_check_interval=30",
+                "callbacks.model_checkpoint.every_n_train_steps=30",
+            ],
+        )
+        out[name] = train(cfg)["last_checkpoint"]
+    return out
+
+
+def test_a_flow_guide_is_checked_on_what_its_output_means(flow_checkpoints, tmp_path):
+    """A guide trained with another time density, schedule group, t_eps and discrete view guides a flow model;
+    a noise-predicting guide is refused in one line naming the prediction (and nothing else)."""
+    main = flow_checkpoints["main"]
+    _sample(_sample_cfg(main, tmp_path / "plain"))
+    auto = ["guidance=auto", "guide_ema=false", "guide_weight=3"]
+    _sample(_sample_cfg(main, tmp_path / "w3", *auto, f"guide_ckpt={flow_checkpoints['compatible']}"))
+    assert not np.array_equal(_samples(tmp_path / "plain"), _samples(tmp_path / "w3"))
+    noise = flow_checkpoints["noise"]
+    with pytest.raises(ValueError) as e:
+        _sample(_sample_cfg(main, tmp_path / "x", *auto, f"guide_ckpt={noise}"))
+    assert str(e.value) == (
+        f"guide {noise} does not fit the model (guide vs model): objective.prediction 'eps' vs 'velocity'; "
+        "autoguidance needs a guide of the same data and diffusion (a smaller or less-trained model)"
+    )

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion
 from diffusion_lab.processes.schedules import make_schedule
 from diffusion_lab.samplers import ddim_sample, sample
 from diffusion_lab.samplers.common import guided_model_output
-from diffusion_lab.samplers.guidance import AutoGuidance, check_guide
+from diffusion_lab.samplers.guidance import AutoGuidance, check_guide, guide_settings
+from diffusion_lab.train import CONF_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -111,36 +118,177 @@ def test_composes_with_class_labels_and_classifier_free_guidance():
     assert not torch.allclose(ag(y), ag(null))  # the labels matter
 
 
-def _cfg(**over):
-    cfg = {
-        "dataset": {"name": "persian", "image_size": 32, "channels": 1},
-        "class_conditional": False,
-        "objective": {
-            "_target_": "diffusion_lab.processes.diffusion.GaussianDiffusion",
-            "parameterization": "eps",
-        },
-        "schedule": {"_target_": "x", "name": "linear", "timesteps": 1000},
-        "model": {"base_channels": 64},
-    }
-    for key, value in over.items():
-        node = cfg
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return cfg
+@functools.cache
+def _composed(overrides: tuple[str, ...]) -> dict:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    out = {k: OmegaConf.to_container(cfg[k]) for k in ("model", "schedule", "objective")}
+    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset).items() if k != "cache_dir"}
+    return {**out, "dataset": dataset, "class_conditional": bool(cfg.class_conditional)}
+
+
+def run_config(*overrides: str) -> dict:
+    """The parts of a resolved run config that a checkpoint stores and ``check_guide`` reads, composed from
+    conf/ (the launch-time groups need Hydra's runtime and are left out)."""
+    return copy.deepcopy(_composed(overrides))
+
+
+SHAPE = (1, 16, 16)
+
+
+def refusal(main: dict, guide: dict, guide_shape=SHAPE) -> list[str]:
+    """The differences that ``check_guide`` names, in order, from its one-line message."""
+    with pytest.raises(ValueError) as e:
+        check_guide(main, SHAPE, 10, guide, guide_shape, 10, guide_path="g.ckpt")
+    message = str(e.value)
+    head, tail = "guide g.ckpt does not fit the model (guide vs model): ", "; autoguidance needs a guide of"
+    assert "\n" not in message and message.startswith(head) and tail in message
+    return message[len(head) : message.index(tail)].split("; ")
 
 
 def test_check_guide_accepts_a_smaller_model_and_refuses_other_data_or_diffusion():
-    shape = (1, 32, 32)
-    check_guide(_cfg(), shape, 10, _cfg(**{"model.base_channels": 32}), shape, 10)  # another architecture
+    main = run_config("model=unet_tiny")
+    check_guide(main, SHAPE, 10, run_config("model=mlp", "model.hidden_dim=32"), SHAPE, 10)  # architecture
+    check_guide(main, SHAPE, 10, run_config("objective.loss_weighting=min_snr"), SHAPE, 10)  # the loss
+    hybrid, vlb = run_config("objective=hybrid"), run_config("objective=vlb")
+    check_guide(hybrid, SHAPE, 10, vlb, SHAPE, 10)  # another loss
     cases = [
-        (_cfg(**{"dataset.image_size": 16}), (1, 16, 16), "image shape"),
-        (_cfg(**{"dataset.name": "persian_letters"}), shape, "dataset.name"),
-        (_cfg(**{"objective.parameterization": "v"}), shape, "objective.parameterization"),
-        (_cfg(**{"schedule.name": "cosine"}), shape, "schedule"),
+        (
+            run_config("dataset.image_size=8"),
+            (1, 8, 8),
+            ["image shape (1, 8, 8) vs (1, 16, 16)", "dataset.image_size 8 vs 16"],
+        ),
+        (
+            run_config("dataset=persian", "dataset.image_size=16"),
+            SHAPE,
+            ["dataset.name 'persian' vs 'digits'"],
+        ),
+        (run_config("objective=v"), SHAPE, ["objective.parameterization 'v' vs 'eps'"]),
+        (run_config("objective=hybrid"), SHAPE, ["objective.variance 'learned_range' vs 'fixed_small'"]),
+        (
+            run_config("schedule=cosine"),
+            SHAPE,
+            [  # the model's settings first, then the guide's own
+                "schedule.beta_end None vs 0.02",
+                "schedule.beta_start None vs 0.0001",
+                "schedule.name 'cosine' vs 'linear'",
+                "schedule.max_beta 0.999 vs None",
+                "schedule.s 0.008 vs None",
+            ],
+        ),
+        (run_config("schedule.timesteps=500"), SHAPE, ["schedule.timesteps 500 vs 1000"]),
+        (
+            run_config("objective=edm"),
+            SHAPE,
+            [
+                "objective._target_ 'diffusion_lab.processes.edm.EDMDiffusion' vs "
+                "'diffusion_lab.processes.diffusion.GaussianDiffusion'"
+            ],
+        ),
     ]
-    for guide_cfg, guide_shape, named in cases:
-        with pytest.raises(ValueError, match=named) as e:
-            check_guide(_cfg(), shape, 10, guide_cfg, guide_shape, 10, guide_path="g.ckpt")
-        assert "\n" not in str(e.value) and "g.ckpt" in str(e.value)
+    for guide, guide_shape, named in cases:
+        assert refusal(main, guide, guide_shape) == named
+
+
+FLOW_MEANING = [
+    ("objective.path=gvp", "objective.path 'gvp' vs 'linear'"),
+    ("objective.prediction=noise", "objective.prediction 'eps' vs 'velocity'"),  # noise is eps-prediction
+    ("objective.prediction=score", "objective.prediction 'score' vs 'velocity'"),
+    ("objective.time_scale=1.0", "objective.time_scale 1.0 vs 1000.0"),
+]
+
+
+@pytest.mark.parametrize(("override", "named"), FLOW_MEANING)
+@pytest.mark.parametrize("objective", ["flow", "interpolant"])
+def test_a_flow_guide_whose_output_means_something_else_is_refused(objective, override, named):
+    """Another path, prediction or time scale: the same output is another quantity, or at another time."""
+    main = run_config(f"objective={objective}")
+    assert refusal(main, run_config(f"objective={objective}", override)) == [named]
+
+
+def test_a_flow_guide_differing_in_everything_that_changes_its_meaning_is_named_for_each():
+    meaning = [case for case in FLOW_MEANING if "score" not in case[0]]
+    guide = run_config("objective=flow", "schedule=cosine", *(o for o, _ in meaning))
+    assert refusal(run_config("objective=flow"), guide) == sorted(named for _, named in meaning)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["schedule=cosine"],  # flows do not use the schedule group
+        ["schedule.timesteps=50"],
+        ["objective.time_density=uniform"],
+        ["objective.shift=3.0", "objective.loc=0.5", "objective.scale=0.8"],
+        ["objective.t_eps=0.001"],
+        ["objective.loss_weighting=x0"],
+        ["objective.coupling=ot"],
+        ["objective.discrete_steps=200"],
+        ["objective=interpolant"],  # the same FlowMatching with uniform t
+    ],
+)
+def test_a_flow_guide_trained_or_sampled_differently_is_accepted(overrides):
+    check_guide(run_config("objective=flow"), SHAPE, 10, run_config("objective=flow", *overrides), SHAPE, 10)
+
+
+def test_edm_guides_are_checked_on_what_preconditions_the_network():
+    """EDM's network sees c_in x and c_noise(sigma) and outputs F (Karras et al. 2022, Eq. 7), each fixed by
+    sigma_data; the training density and the samplers' grid do not change what F means."""
+    main = run_config("objective=edm")
+    guide = run_config("objective=edm", "objective.sigma_data=0.25")
+    assert refusal(main, guide) == ["objective.sigma_data 0.25 vs 0.5"]
+    for overrides in (
+        ["schedule=cosine"],
+        ["objective.P_mean=-0.4", "objective.P_std=1.0"],
+        ["objective.sigma_max=20.0", "objective.sigma_min=0.01", "objective.rho=5.0"],
+        ["objective.discrete_steps=100"],
+    ):
+        check_guide(main, SHAPE, 10, run_config("objective=edm", *overrides), SHAPE, 10)
+
+
+def test_a_setting_missing_from_an_older_config_counts_as_its_default():
+    """A run config written before an argument existed holds that argument's default value."""
+    main = run_config("objective=flow")
+    older = run_config("objective=flow")
+    del older["objective"]["time_scale"], older["objective"]["path"], older["schedule"]["log_snr_shift"]
+    check_guide(main, SHAPE, 10, older, SHAPE, 10)
+    assert refusal(run_config("objective=flow", "objective.time_scale=1"), older) == [
+        "objective.time_scale 1000.0 vs 1"
+    ]
+    eps = run_config()
+    older = run_config()
+    del older["schedule"]["log_snr_shift"], older["objective"]["variance"]
+    check_guide(eps, SHAPE, 10, older, SHAPE, 10)
+    assert refusal(run_config("schedule.log_snr_shift=-1.0"), older) == ["schedule.log_snr_shift 0.0 vs -1.0"]
+
+
+def test_guide_settings_are_what_fixes_the_output_of_each_family():
+    def objective_keys(*overrides):
+        return sorted(
+            k for k in guide_settings(run_config(*overrides)) if k.startswith(("objective.", "schedule."))
+        )
+
+    assert objective_keys("objective=flow") == [
+        "objective._target_",
+        "objective.path",
+        "objective.prediction",
+        "objective.time_scale",
+    ]
+    assert objective_keys("objective=interpolant") == objective_keys("objective=flow")
+    assert objective_keys("objective=edm") == ["objective._target_", "objective.sigma_data"]
+    schedule = [
+        f"schedule.{k}"
+        for k in (
+            "_target_",
+            "beta_end",
+            "beta_start",
+            "log_snr_shift",
+            "name",
+            "timesteps",
+            "zero_terminal_snr",
+        )
+    ]
+    for objective in ("eps", "hybrid", "v", "x0", "vlb"):
+        assert objective_keys(f"objective={objective}") == sorted(
+            ["objective._target_", "objective.parameterization", "objective.variance", *schedule]
+        )
