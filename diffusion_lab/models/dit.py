@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_lab.models.embeddings import timestep_embedding
+from diffusion_lab.models.unet import check_input_devices
 
 __all__ = ["DiT", "DiTBlock", "FinalLayer", "patchify", "unpatchify", "sincos_pos_embed_2d", "modulate"]
 
@@ -284,7 +285,7 @@ class DiT(nn.Module):
     def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
         """Conditioning c = time embedding (+ label embedding), (B, hidden_size)."""
         weight = self.time_embed[0].weight
-        t = torch.as_tensor(t, device=weight.device)
+        t = torch.as_tensor(t, device=weight.device)  # a Python number; tensors were checked in forward
         if t.ndim == 0:
             t = t.expand(batch)
         if t.shape != (batch,):
@@ -318,6 +319,7 @@ class DiT(nn.Module):
         """
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"DiT: expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        check_input_devices("DiT", self.patch_embed.weight, x=x, t=t, y=y)
         B, _, H, W = x.shape
         p = self.patch_size
         if H % p or W % p:

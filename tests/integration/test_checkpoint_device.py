@@ -80,7 +80,13 @@ def _mlp():
     return MLP(1, 1, 8, hidden_dim=16, num_layers=1, num_classes=3)
 
 
-@pytest.mark.parametrize(("name", "make"), [("UNet", _unet), ("MLP", _mlp)])
+def _dit():
+    from diffusion_lab.models.dit import DiT
+
+    return DiT(1, 1, 8, patch_size=4, hidden_size=16, depth=1, num_heads=2, num_classes=3)
+
+
+@pytest.mark.parametrize(("name", "make"), [("UNet", _unet), ("MLP", _mlp), ("DiT", _dit)])
 @pytest.mark.parametrize(
     ("weights", "x", "t", "named"),
     [
