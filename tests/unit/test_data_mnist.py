@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import shutil
 import urllib.request
 
@@ -15,6 +16,7 @@ from diffusion_lab.data import CorruptDataError, DiffusionDataModule, MissingDat
 from diffusion_lab.data.mnist import (
     IDX_IMAGES_MAGIC,
     IDX_LABELS_MAGIC,
+    MNIST_MD5,
     MnistSource,
     read_idx,
     read_mnist_pair,
@@ -168,3 +170,27 @@ def test_plain_idx_files_are_read(raw_t10k, tmp_path):
     images, _ = raw_t10k
     (tmp_path / "x-idx3-ubyte").write_bytes(images)
     assert read_idx(tmp_path / "x-idx3-ubyte", IDX_IMAGES_MAGIC).shape == (10000, 28, 28)
+
+
+def test_local_file_unlike_the_published_one_is_warned_about_once(shared_data, tmp_path, caplog):
+    """A local .gz that is not the published file (here: the same images, compressed again) trains, with one
+    warning line naming the file and the published md5; the published files pass silently."""
+    root = tmp_path / "mnist"
+    root.mkdir()
+    shutil.copy(shared_data / "mnist" / LABELS, root / LABELS)
+    _write_gz(root / IMAGES, gzip.decompress((shared_data / "mnist" / IMAGES).read_bytes()))
+    dm = DiffusionDataModule(name="mnist", root=root, split="test", download=False, cache_dir=tmp_path / "c")
+    with caplog.at_level(logging.WARNING, logger="diffusion_lab.data.mnist"):
+        dm.prepare_data()
+        dm.setup()
+    warned = [r.getMessage() for r in caplog.records if r.name == "diffusion_lab.data.mnist"]
+    assert len(warned) == 1, warned
+    assert str(root / IMAGES) in warned[0] and MNIST_MD5[IMAGES] in warned[0] and "\n" not in warned[0]
+    assert len(dm.dataset("train")) == 9500, "it still trains"
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diffusion_lab.data.mnist"):
+        DiffusionDataModule(
+            name="mnist", root=shared_data / "mnist", split="test", cache_dir=tmp_path / "c"
+        ).prepare_data()
+    assert not [r for r in caplog.records if r.name == "diffusion_lab.data.mnist"]
