@@ -148,6 +148,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     The run directory is locked for the run (:mod:`diffusion_lab.training.run_lock`):
     a second run there is refused.
     """
+    from diffusion_lab.utils.quiet import quiet_third_party_notices
+
+    quiet_third_party_notices()  # Lightning's litlogger tip and LeafSpec warning are not the run's business
     check_trainer_device(cfg.trainer, _trainer_choice())  # before anything is written
     out_dir = Path(cfg.paths.output_dir)
     took_lock = lock_run_dir(out_dir)
