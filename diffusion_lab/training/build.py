@@ -67,7 +67,7 @@ def build_module(
         image_shape=image_shape,
         num_classes=num_classes,
         class_conditional=bool(cfg.get("class_conditional", False)),
-        cond_drop_prob=float(cfg.get("cond_drop_prob", 0.0)),
+        cond_drop_prob=float(cfg.get("cond_drop_prob", 0.1)),
         seed=int(cfg.get("seed", 0)),
         val_bpd_ode_images=int(cfg.get("val_bpd_ode_images", 8)),
         val_bpd_ode_steps=int(cfg.get("val_bpd_ode_steps", 8)),
