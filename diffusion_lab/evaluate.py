@@ -11,7 +11,14 @@ table and writes JSON beside the checkpoint; the second trains the CNN whose fea
 ``fid_classifier``, ``kid_classifier``, ``is_classifier`` and the class histogram.
 """
 
+# ruff: noqa: E402  (a command sets up the process before its imports load torch)
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a command: OpenMP's settings before torch loads (utils/cpu.py)
+    from diffusion_lab.utils.cpu import configure_command
+
+    configure_command()
 
 import json
 import math

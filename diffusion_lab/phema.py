@@ -10,7 +10,14 @@ training.
 Default ``out``: ``<run_dir>/checkpoints/phema-<sigma_rel>-step<step>.ckpt``.
 """
 
+# ruff: noqa: E402  (a command sets up the process before its imports load torch)
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a command: OpenMP's settings before torch loads (utils/cpu.py)
+    from diffusion_lab.utils.cpu import configure_command
+
+    configure_command()
 
 import sys
 from pathlib import Path

@@ -11,13 +11,19 @@ writes ``grid.png``, ``samples.npz`` (uint8 (N, C, H, W) ``samples`` and int64 `
 ``animation=true``, ``animation.gif`` of the reverse process.
 """
 
+# ruff: noqa: E402  (a command sets up the process before its imports load torch)
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a command: OpenMP's settings before torch loads (utils/cpu.py)
+    from diffusion_lab.utils.cpu import configure_command
+
+    configure_command()
 
 import logging
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -26,20 +32,18 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from diffusion_lab.samplers import resolve_steps
-from diffusion_lab.samplers import sample as run_sampler
+from diffusion_lab.api import check_sampler_config, draw, load, resolve_device
 from diffusion_lab.samplers.guidance import AutoGuidance, check_guide
-from diffusion_lab.training.checkpoint import load_module
 from diffusion_lab.utils.checkpoint_sampler import SamplerChoice, choose_sampler, sampler_args, sampler_name
 from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.media import save_animation, save_grid, to_uint8
-from diffusion_lab.utils.progress import track
 
 log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 __all__ = [
     "generate",
+    "default_out",
     "resolve_device",
     "require_checkpoint",
     "check_count",
@@ -50,20 +54,6 @@ __all__ = [
 ]
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` (cuda when available), ``cpu``, ``cuda``, ``cuda:1``, ...; ValueError for a missing device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA device is available here: use device=cpu (or auto)")
-    return device
-
-
-@torch.no_grad()
 def generate(
     module,
     sampler,
@@ -78,51 +68,42 @@ def generate(
 ):
     """Draw ``n`` samples in batches (batch i uses seed + i): (uint8 (n, C, H, W), labels (n,), nfe).
 
-    ``sampler`` carries every sampling option, classifier-free guidance (``guidance_scale``) included: the
-    ``sampler`` config is the one place they are set. ``guide`` (a module, see :func:`load_guide`) adds
-    autoguidance with weight ``guide_weight`` (:class:`~diffusion_lab.samplers.guidance.AutoGuidance`; each
-    network evaluation then runs both networks and counts once).
+    :func:`diffusion_lab.api.draw` (the loop behind ``Pipeline.sample`` too) on ``device``, with uint8
+    images and label -1 for an unconditional model. ``sampler`` carries every sampling option,
+    classifier-free guidance (``guidance_scale``) included: the ``sampler`` config is the one place they are
+    set. ``guide`` (a module, see :func:`load_guide`) adds autoguidance with weight ``guide_weight``
+    (:class:`~diffusion_lab.samplers.guidance.AutoGuidance`; each network evaluation then runs both networks
+    and counts once).
     """
     device = torch.device(device)
     module = module.to(device).eval()
     model_fn = module.model
     if guide is not None:
         model_fn = AutoGuidance(module.model, guide.to(device).eval().model, guide_weight)
-    outs, labels, nfe = [], [], 0
-    conditional = bool(module.hparams.class_conditional)
-    batches = range(math.ceil(n / batch_size))  # one batch: the sampler's own step bar shows instead
-    for i in track(batches, f"sampling {n} images") if len(batches) > 1 else batches:
-        b = min(batch_size, n - i * batch_size)
-        if conditional:
-            y = (
-                torch.full((b,), label, device=device)
-                if label is not None
-                else torch.arange(i * batch_size, i * batch_size + b, device=device)
-                % module.hparams.num_classes
-            )
-        else:
-            y = None
-        callback = None
-        if frames is not None and i == 0:
+    images, labels, nfe = draw(
+        module,
+        sampler,
+        n,
+        seed=seed,
+        batch_size=batch_size,
+        labels=label,
+        model_fn=model_fn,
+        device=device,
+        frames=frames,
+    )
+    labels = labels if labels is not None else torch.full((n,), -1, dtype=torch.long)
+    return to_uint8(images, value_range=(-1, 1)), labels, nfe
 
-            def callback(j, t, x_t, pred_x0):
-                frames.append(to_uint8(x_t[:16].cpu(), value_range=(-1, 1)))
 
-        x, k = run_sampler(
-            model_fn,
-            module.diffusion,
-            (b, *module.image_shape),
-            sampler=sampler,
-            seed=seed + i,
-            device=device,
-            return_nfe=True,
-            y=y,
-            callback=callback,
-        )
-        outs.append(to_uint8(x.cpu(), value_range=(-1, 1)))
-        labels.append(y.cpu() if y is not None else torch.full((b,), -1))
-        nfe = k
-    return torch.cat(outs), torch.cat(labels), nfe
+def default_out(ckpt_path: str, name: str) -> Path:
+    """Where samples go without ``out=``: ``samples/<name>`` beside a checkpoint's run, and
+    ``samples/<folder>/<name>`` under the current directory for an exported folder (which stays as it was
+    exported)."""
+    path = Path(ckpt_path).resolve()
+    if path.is_dir() and not (path / "checkpoints").is_dir():
+        return Path("samples") / path.name / name
+    run = path if path.is_dir() else path.parents[1]
+    return run / "samples" / name
 
 
 def grid_layout(n: int, num_classes: int | None, most: int = 256) -> tuple[int, int | None]:
@@ -158,20 +139,7 @@ def check_sampler(cfg: DictConfig, module) -> None:
         raise ValueError(
             f"guidance_scale is a sampler option: write sampler.guidance_scale={cfg.guidance_scale}"
         )
-    steps, grid = cfg.sampler.get("steps"), cfg.sampler.get("grid") or "uniform"
-    if steps is not None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                resolve_steps(module.diffusion, steps, grid, cfg.sampler.get("grid_opts"))
-        except (ValueError, TypeError) as e:
-            if str(e).startswith("unknown grid"):
-                key, value = "sampler.grid", grid
-            elif isinstance(e, TypeError):  # an option the grid does not take
-                key, value = "sampler.grid_opts", dict(cfg.sampler.get("grid_opts") or {})
-            else:
-                key, value = "sampler.steps", steps
-            raise ValueError(f"{key}={value!r} is not valid: {e}") from None
+    check_sampler_config(cfg.sampler, module.diffusion)
     label = cfg.get("label")
     if label is not None:
         k = int(module.hparams.num_classes)
@@ -201,7 +169,8 @@ def load_guide(cfg: DictConfig, module, run_cfg: DictConfig):
     weight = cfg.get("guide_weight")
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ValueError(f"guide_weight={weight!r} is not valid: give a number, e.g. 2.0 (1 = no guidance)")
-    guide, guide_cfg, _ = load_module(cfg.guide_ckpt, ema=cfg.get("guide_ema", True))
+    guide_pipe = load(cfg.guide_ckpt, device="cpu", ema=cfg.get("guide_ema", True))
+    guide, guide_cfg = guide_pipe.module, guide_pipe.config
     check_guide(
         OmegaConf.to_container(run_cfg, resolve=True),
         tuple(module.image_shape),
@@ -246,18 +215,15 @@ def _sample(cfg: DictConfig) -> None:
     ckpt_path = require_checkpoint(cfg)
     n, batch_size = check_count(cfg, "n"), check_count(cfg, "batch_size")
     device = resolve_device(cfg.device)
-    module, run_cfg, ckpt = load_module(ckpt_path, ema=cfg.ema)
+    pipe = load(ckpt_path, device=device, ema=cfg.ema)  # a checkpoint, a run directory or an exported folder
+    module, run_cfg = pipe.module, pipe.config
     use_checkpoint_sampler(cfg, run_cfg, ckpt_path)
     check_sampler(cfg, module)
     guide = load_guide(cfg, module, run_cfg)
     sampler = instantiate(cfg.sampler)
     name = sampler_name(cfg.sampler)
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps
-    out = (
-        Path(cfg.out)
-        if cfg.out
-        else Path(ckpt_path).resolve().parents[1] / "samples" / f"{name}-{steps}-seed{cfg.seed}"
-    )
+    out = Path(cfg.out) if cfg.out else default_out(ckpt_path, f"{name}-{steps}-seed{cfg.seed}")
     frames: list | None = [] if cfg.animation else None
     start = time.perf_counter()
     images, labels, nfe = generate(
@@ -284,7 +250,7 @@ def _sample(cfg: DictConfig) -> None:
         idx = torch.linspace(0, len(frames) - 1, min(cfg.animation_frames, len(frames))).round().long()
         save_animation([frames[i] for i in idx.tolist()], out / "animation.gif")
     print(
-        f"{n} samples ({name}, {nfe} network evaluations each, step {ckpt.get('global_step')}) in "
+        f"{n} samples ({name}, {nfe} network evaluations each, step {pipe.info.get('global_step')}) in "
         f"{seconds:.1f} s -> {out}"
     )
 

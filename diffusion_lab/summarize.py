@@ -7,7 +7,14 @@ reads every job's overrides (``.hydra/overrides.yaml``) and final metrics (``res
 The plot needs the ``plot`` extra (matplotlib); without it the CSV and the table are still written.
 """
 
+# ruff: noqa: E402  (a command sets up the process before its imports load torch)
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a command: OpenMP's settings before torch loads (utils/cpu.py)
+    from diffusion_lab.utils.cpu import configure_command
+
+    configure_command()
 
 import argparse
 import csv

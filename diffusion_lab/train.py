@@ -1,10 +1,19 @@
 """Training entry point: ``train(cfg)`` does the work; ``main`` is the Hydra wrapper behind ``train.py``."""
 
+# ruff: noqa: E402  (a command sets up the process before its imports load torch)
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a command: OpenMP's settings before torch loads (utils/cpu.py)
+    from diffusion_lab.utils.cpu import configure_command
+
+    configure_command()
 
 import logging
 import sys
 import time
+import types
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +44,7 @@ from diffusion_lab.training.preemption import (
 from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir, run_dir_in_use
 from diffusion_lab.utils.cli import CommandError, exit_on_bad_input
 from diffusion_lab.utils.config_utils import print_config_tree
-from diffusion_lab.utils.cpu import default_threads
+from diffusion_lab.utils.cpu import default_threads, register_resolvers
 from diffusion_lab.utils.fileio import remove_stale_temp_files
 from diffusion_lab.utils.safe_config import check_arguments, upgrade_targets
 
@@ -146,8 +155,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train a diffusion model as ``cfg`` says; returns the final logged metrics and the run's paths.
 
     The run directory is locked for the run (:mod:`diffusion_lab.training.run_lock`):
-    a second run there is refused.
+    a second run there is refused. ``train.py`` and :func:`diffusion_lab.api.train` both run it.
     """
+    register_resolvers()  # ${cpu_precision:} of a config composed by the caller (idempotent)
     from diffusion_lab.utils.quiet import quiet_third_party_notices
 
     quiet_third_party_notices()  # Lightning's litlogger tip and LeafSpec warning are not the run's business
@@ -261,5 +271,23 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(objective) if objective else None
 
 
+class _TrainModule(types.ModuleType):
+    """This module, callable: ``diffusion_lab.train(overrides)`` is :func:`diffusion_lab.api.train` (the
+    package attribute of a submodule is the submodule, so the API function and this module share a name)."""
+
+    def __call__(
+        self,
+        overrides: Sequence[str] = (),
+        *,
+        run_dir: str | Path | None = None,
+        configure_threads: bool = False,
+    ) -> Path:
+        from diffusion_lab.api import train as train_api
+
+        return train_api(overrides, run_dir=run_dir, configure_threads=configure_threads)
+
+
 if __name__ == "__main__":
     main()
+else:
+    sys.modules[__name__].__class__ = _TrainModule

@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from diffusion_lab.utils.cpu import register_resolvers
+
 REPO = Path(__file__).resolve().parents[1]
 # One thread: the tests run many small ops, which a second thread slows down on a busy 2-core machine;
 # the training processes the tests start inherit it through DIFFUSION_LAB_THREADS.
 torch.set_num_threads(1)
 os.environ.setdefault("DIFFUSION_LAB_THREADS", "1")
+# The tests compose conf/ themselves, as the commands do: the configs' resolvers (${cpu_precision:}), which
+# importing the package no longer registers (no side effects on import).
+register_resolvers()
 
 
 def shared_data_dir() -> Path:

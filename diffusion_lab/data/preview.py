@@ -9,7 +9,14 @@ argument is a Hydra override of the ``dataset`` group (``dataset=<name>``, ``dat
 from the repository's ``conf/``. Rows are classes 0, 1, 2, ... when ``per_class`` > 0.
 """
 
+# ruff: noqa: E402  (a command sets up the process before its imports load torch)
+
 from __future__ import annotations
+
+if __name__ == "__main__":  # run as a command: OpenMP's settings before torch loads (utils/cpu.py)
+    from diffusion_lab.utils.cpu import configure_command
+
+    configure_command()
 
 import sys
 from pathlib import Path

@@ -14,9 +14,11 @@ thread against 0.88x), so PASSIVE stays the default; ``train.py`` also starts on
 are idle (:func:`default_threads`).
 
 The OpenMP runtime reads its environment once, when torch's shared libraries are loaded, so
-:func:`configure_cpu` must run before ``import torch``. ``diffusion_lab/__init__.py`` calls it, which
-covers every entry point (``train.py``, ``python -m diffusion_lab.<command>``, ``python -m experiments.*``)
-as long as nothing imports torch before the package. A variable the user has set is never overridden.
+:func:`configure_cpu` must run before ``import torch``. Importing the package changes nothing (a library
+leaves its host program's environment alone): the commands call :func:`configure_command` first thing,
+before their modules import torch (``train.py``, ``python -m diffusion_lab.<command>``), and the Python
+API does it when asked (``diffusion_lab.load(..., configure_threads=True)``, likewise ``train``). A
+variable the user has set is never overridden.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import MutableMapping
 
 __all__ = [
     "configure_cpu",
+    "configure_command",
     "idle_cores",
     "default_threads",
     "cpu_flags",
@@ -70,8 +73,9 @@ def configure_cpu(
     env.update(changed)
     if changed and warn and env is os.environ and "torch" in sys.modules:
         warnings.warn(
-            "configure_cpu ran after `import torch`: OpenMP has read its settings already; "
-            "import diffusion_lab before torch (or set OMP_WAIT_POLICY=PASSIVE in the shell)",
+            "configure_cpu ran after `import torch`: OpenMP has read its settings already (they still "
+            "reach child processes); call it before torch is imported, or set OMP_WAIT_POLICY=PASSIVE in the "
+            "shell",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -142,7 +146,23 @@ def default_cpu_precision(flags: frozenset[str] | None = None) -> str:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers of the configs: ``${cpu_precision:}`` (the CPU trainer's default precision)."""
+    """OmegaConf resolvers of the configs: ``${cpu_precision:}`` (the CPU trainer's default precision).
+
+    Called where configs are composed (the commands, ``diffusion_lab.train``); idempotent, and a resolver of
+    that name that the host program registered first is kept.
+    """
     from omegaconf import OmegaConf
 
-    OmegaConf.register_new_resolver("cpu_precision", lambda: default_cpu_precision(), replace=True)
+    if not OmegaConf.has_resolver("cpu_precision"):
+        OmegaConf.register_new_resolver("cpu_precision", lambda: default_cpu_precision())
+
+
+def configure_command(threads: int | None = None) -> None:
+    """What a command does before anything else: OpenMP's environment (:func:`configure_cpu`, silent when
+    torch is loaded already) and the configs' resolvers (:func:`register_resolvers`).
+
+    Commands call it at the top of their module, under ``if __name__ == "__main__":``, before the module's
+    imports load torch; importing a command's module as a library does not.
+    """
+    configure_cpu(threads, warn=False)
+    register_resolvers()

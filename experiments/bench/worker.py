@@ -4,7 +4,7 @@
 
 ``default`` imports torch before diffusion_lab, so OpenMP starts with its own settings or the ones the
 environment gives (as every run did before ``diffusion_lab.utils.cpu``);
-``configured`` imports diffusion_lab first, as ``train.py`` does. Prints one
+``configured`` sets OpenMP's environment first (``configure_cpu``), as ``train.py`` does. Prints one
 JSON line: images/s of unet_tiny at 32x32, batch 128, in the CPU trainer's precision (bf16-mixed only on a
 CPU with bf16 units), and the OpenMP settings the worker started with.
 """
@@ -20,7 +20,10 @@ import time
 def main(mode: str, threads: int, seconds: float) -> None:
     if mode == "default":
         import torch  # noqa: F401  (first: OpenMP keeps its own defaults)
-    import diffusion_lab  # noqa: F401
+    else:
+        from diffusion_lab.utils.cpu import configure_cpu
+
+        configure_cpu()  # before torch loads, as the commands do (importing diffusion_lab sets nothing)
     from diffusion_lab.utils.cpu import default_cpu_precision
     from experiments.bench.setups import TrainSetup, train_step
 
