@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install train test lint format bench gpu-check clean
+.PHONY: install train test test-floors lint format bench gpu-check clean
 
 install: $(STAMP)
 
@@ -20,6 +20,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(ARGS)
+
+# the declared lower bounds of pyproject.toml installed in a fresh venv (torch at its pin), then the unit
+# tests: says whether the floors are true (FLOORS_VENV=folder, default /tmp/diffusion_lab-floors)
+test-floors:
+	bash .ci/floors.sh $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

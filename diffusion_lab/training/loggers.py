@@ -88,8 +88,13 @@ def build_loggers(
 def close_loggers(loggers: list[Logger]) -> None:
     """Finish the wandb runs, so that the next run in this process (a multirun job) starts its own."""
     for logger in loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        run = wandb.run  # the logger's run, if it started one (reading logger.experiment would start one)
+        if run is not None:
             try:
-                logger.experiment.finish()
+                run.finish()
             except Exception as e:  # a failing wandb never fails the run
                 log.warning("wandb failed to finish the run (%s); `wandb sync` it later", e)

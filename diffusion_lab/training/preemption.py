@@ -30,9 +30,9 @@ import os
 import signal
 import threading
 from pathlib import Path
+from types import FrameType
 
 import lightning.pytorch as pl
-from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -56,6 +56,25 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
     return Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
 
 
+def _forward_to_sigterm(signum: int, frame: FrameType | None) -> None:
+    handler = signal.getsignal(signal.SIGTERM)  # during a fit: Lightning's own
+    if callable(handler):
+        handler(signal.SIGTERM, frame)
+
+
+def _sigusr1_as_sigterm() -> None:
+    """Answer SIGUSR1 as SIGTERM where nothing answers it (under SLURM, Lightning's requeue handler does).
+
+    Called once Lightning has installed its signal handlers (they are in place from the sanity check on):
+    its SIGTERM handler sets ``trainer.received_sigterm``, stops launched ranks and tells the other ranks;
+    Lightning's teardown restores the SIGUSR1 handler from before the fit with the others.
+    """
+    if not hasattr(signal, "SIGUSR1") or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR1, _forward_to_sigterm)
+
+
 class PreemptionCheckpoint(pl.Callback):
     """Save a resumable ``last.ckpt`` when the fit stops on SIGTERM; make SIGUSR1 a SIGTERM outside SLURM."""
 
@@ -63,14 +82,11 @@ class PreemptionCheckpoint(pl.Callback):
         self.saved: Path | None = None
         self.step: int | None = None
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        env = trainer._accelerator_connector.cluster_environment  # the environment Lightning chose
-        slurm_requeues = isinstance(env, SLURMEnvironment) and env.auto_requeue
-        if not slurm_requeues and threading.current_thread() is threading.main_thread():
-            # Lightning's own SIGTERM handler (it also stops launched ranks and tells the other ranks);
-            # Lightning's teardown restores the previous SIGUSR1 handler with the others
-            notify = trainer._signal_connector._sigterm_notifier_fn
-            signal.signal(signal.SIGUSR1, lambda signum, frame: notify(signum, frame))
+    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sigusr1_as_sigterm()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _sigusr1_as_sigterm()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
