@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -36,10 +37,11 @@ def _ema_update(decay: float, warmup: bool):
     """multi_avg_fn for :class:`~torch.optim.swa_utils.AveragedModel`: ema <- d ema + (1 - d) theta.
 
     With warm-up the decay of the n-th update is min(decay, (1 + n) / (10 + n)), so that early averages are
-    not dominated by the random initialisation.
+    not dominated by the random initialisation. ``num_averaged`` is the number of updates so far: a Python int
+    from the :class:`EMA` callback (no host wait), or AveragedModel's tensor.
     """
 
-    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: int | Tensor) -> None:
         n = int(num_averaged)
         d = min(decay, (1.0 + n) / (10.0 + n)) if warmup else decay
         floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
@@ -58,6 +60,10 @@ class EMA(WeightAveraging):
     The averaged weights are swapped in during validation, written as the checkpoint's ``state_dict``
     (the raw weights go to ``current_model_state``) and copied into the model when training ends; use
     :func:`ema_module` to sample from them at any other time.
+
+    The update is :class:`~torch.optim.swa_utils.AveragedModel`'s, with the update count kept in Python:
+    AveragedModel reads its ``n_averaged`` tensor back on the host at every update (a host wait per step).
+    The tensor is still counted on the device, for the checkpoints.
     """
 
     def __init__(
@@ -65,12 +71,55 @@ class EMA(WeightAveraging):
     ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must lie in [0, 1), got {decay}")
-        super().__init__(multi_avg_fn=_ema_update(decay, warmup), **kwargs)
+        self._avg_update = _ema_update(decay, warmup)
+        super().__init__(multi_avg_fn=self._avg_update, **kwargs)
         self.decay = decay
         self.update_every_n_steps = update_every_n_steps
+        self._num_averaged = 0  # == self._average_model.n_averaged, on the host
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and (step_idx + 1) % self.update_every_n_steps == 0
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._num_averaged = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step > self._latest_update_step and self.should_update(
+            step_idx=trainer.global_step - 1
+        ):
+            self._update_average(pl_module)
+            self._latest_update_step = trainer.global_step
+
+    @torch.no_grad()
+    def _update_average(self, pl_module: pl.LightningModule) -> None:
+        """``AveragedModel.update_parameters(pl_module)`` with the count from the host."""
+        average = self._average_model
+        assert average is not None
+        if self._use_buffers:
+            ema = itertools.chain(average.module.parameters(), average.module.buffers())
+            current = itertools.chain(pl_module.parameters(), pl_module.buffers())
+        else:
+            ema, current = average.module.parameters(), pl_module.parameters()
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+        for e, p in zip(ema, current):
+            es, ps = groups.setdefault((e.device, e.dtype), ([], []))
+            es.append(e.detach())
+            ps.append(p.detach().to(e.device))
+        for es, ps in groups.values():
+            if self._num_averaged == 0:  # the first update copies
+                torch._foreach_copy_(es, ps)
+            else:
+                self._avg_update(es, ps, self._num_averaged)
+        average.n_averaged.add_(1)
+        self._num_averaged += 1
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        if self._average_model is not None:
+            self._num_averaged = int(self._average_model.n_averaged)  # once, when the run resumes
 
     @property
     def averaged(self) -> pl.LightningModule | None:

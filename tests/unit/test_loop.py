@@ -92,6 +92,45 @@ def test_ema_callback_refuses_a_bad_decay():
         EMA(decay=1.0)
 
 
+def test_ema_callback_update_is_averaged_models_without_reading_the_count_back():
+    """The callback's update (count kept on the host) gives AveragedModel.update_parameters' weights bit for
+    bit, keeps the stored n_averaged tensor counting, and reads no device value (the count was a host wait per
+    step); a resumed callback takes its count from the checkpoint's tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.n += func is torch.ops.aten._local_scalar_dense.default
+            return func(*args, **(kwargs or {}))
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))  # float and integer buffers
+    ema = EMA(decay=0.9, warmup=True)
+    ema._average_model = AveragedModel(net, multi_avg_fn=_ema_update(0.9, True), use_buffers=True)
+    reference = AveragedModel(net, multi_avg_fn=_ema_update(0.9, True), use_buffers=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        net(torch.randn(8, 3, generator=g))  # moves the running statistics and num_batches_tracked
+        with Reads():
+            ema._update_average(net)
+        reference.update_parameters(net)
+    assert Reads.n == 0
+    for (name, a), b in zip(ema._average_model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert int(ema._average_model.n_averaged) == 5 and ema._num_averaged == 5
+
+    resumed = EMA(decay=0.9, warmup=True)
+    resumed._average_model = AveragedModel(net, multi_avg_fn=_ema_update(0.9, True), use_buffers=True)
+    state = {"state_dict": net.state_dict(), "current_model_state": net.state_dict()}
+    state["averaging_state"] = {"n_averaged": ema._average_model.n_averaged.clone()}
+    resumed.on_load_checkpoint(mock.Mock(), net, state)
+    assert resumed._num_averaged == 5
+
+
 # ------------------------------------------------------------------------------------ module helpers
 
 
