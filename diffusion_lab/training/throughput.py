@@ -14,8 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.throughput import Throughput, get_available_flops
-from lightning.pytorch.callbacks.throughput_monitor import _plugin_to_compute_dtype
+from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -27,7 +26,7 @@ __all__ = ["ImagesPerSecond"]
 class ImagesPerSecond(pl.Callback):
     """Log ``train/device/samples_per_sec`` (images/s of this device; ``train/samples_per_sec`` of all
     devices under DDP), ``train/device/batches_per_sec``, ``train/samples``, ``train/batches`` and
-    ``train/time`` at logging steps; FLOP/s and MFU where the module has a ``flops_per_batch``.
+    ``train/time`` at logging steps; FLOP/s where the module has a ``flops_per_batch``.
 
     The rates are taken over the last ``window_size - 1`` logging intervals (``window_size=2``: the steps
     since the previous logging step), training time only (validation excluded). The first value comes at the
@@ -55,9 +54,7 @@ class ImagesPerSecond(pl.Callback):
         self._batches_at_last_log = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        dtype = _plugin_to_compute_dtype(trainer.precision_plugin)
         self._throughput = Throughput(
-            available_flops=get_available_flops(trainer.strategy.root_device, dtype),
             world_size=trainer.world_size,
             window_size=self.window_size,
             separator=self.separator,
@@ -103,6 +100,7 @@ class ImagesPerSecond(pl.Callback):
         )
         self._batches_at_last_log = self._batches
         metrics = self._throughput.compute()
+        # as Lightning's ThroughputMonitor: to the loggers at the step of this step's other metrics
         trainer._logger_connector.log_metrics({f"train{self.separator}{k}": v for k, v in metrics.items()})
 
     @rank_zero_only
