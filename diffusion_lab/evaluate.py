@@ -2,7 +2,7 @@
 
     python -m diffusion_lab.evaluate ckpt=PATH metrics=[fid_classifier,kid,bpd] n=10000
     python -m diffusion_lab.evaluate ckpt=PATH metrics=[bpd_ode] bpd_n=256   # any family with a path
-    python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=/path/to/hoda
+    python -m diffusion_lab.metrics.train_classifier dataset=persian dataset.root=/path/to/hoda
 
 The first samples with the checkpoint's own sampler config (``sampler=NAME`` chooses another,
 ``sampler.steps=50`` changes one key of it: :mod:`diffusion_lab.utils.checkpoint_sampler`), compares with the
@@ -45,7 +45,7 @@ from diffusion_lab.sample import (
 )
 from diffusion_lab.training.checkpoint import load_module
 from diffusion_lab.utils.checkpoint_sampler import sampler_args, sampler_name
-from diffusion_lab.utils.cli import exit_on_bad_input
+from diffusion_lab.utils.cli import HELP_FLAGS, exit_on_bad_input
 from diffusion_lab.utils.media import to_unit_range
 from diffusion_lab.utils.progress import track
 
@@ -127,8 +127,9 @@ def check_data_root(dataset: DictConfig, data_root: str | None) -> None:
 
 def evaluate(cfg: DictConfig) -> dict:
     ckpt_path = require_checkpoint(cfg)
-    names, want_bpd = _metric_names(cfg.metric_names)
-    want_ode = "bpd_ode" in [str(n) for n in cfg.metric_names]
+    requested = cfg.metrics if cfg.get("metric_names") is None else cfg.metric_names  # the former name
+    names, want_bpd = _metric_names(requested)
+    want_ode = "bpd_ode" in [str(n) for n in requested]
     if names:
         check_count(cfg, "n")
         check_count(cfg, "batch_size")
@@ -263,14 +264,24 @@ def write_results(results: dict, cfg: DictConfig, out: Path) -> None:
     Path(out).write_text(json.dumps({**results, "config": config}, indent=2))
 
 
+def _train_classifier(overrides: list[str]) -> None:
+    """``python -m diffusion_lab.evaluate train_classifier ...``: the same as
+    ``python -m diffusion_lab.metrics.train_classifier ...`` (conf/train_classifier.yaml, composed here)."""
+    from diffusion_lab.api import compose_config
+    from diffusion_lab.metrics.train_classifier import run
+
+    if any(a in HELP_FLAGS for a in overrides):
+        print("usage: python -m diffusion_lab.evaluate train_classifier dataset=<name> [...]: the same as")
+        print("python -m diffusion_lab.metrics.train_classifier dataset=<name> [...] (see its --help)")
+        return
+    with exit_on_bad_input():
+        run(compose_config("train_classifier", overrides))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "train_classifier":
-        from diffusion_lab.metrics.train_classifier import command
-
-        command(sys.argv[2:])
+        _train_classifier(sys.argv[2:])
         return
-    # `metrics=[...]` sets metric_names: conf/metrics is a config group, so Hydra would read it as a choice.
-    sys.argv = [("metric_names=" + a.split("=", 1)[1]) if a.startswith("metrics=") else a for a in sys.argv]
     # `sampler.steps=50` without `sampler=NAME` changes the checkpoint's sampler: Hydra needs `++` for it.
     sys.argv = sampler_args(sys.argv)
     _evaluate_main()

@@ -2,8 +2,9 @@
 
     python -m diffusion_lab.phema run_dir=outputs/train/runs/<run> sigma_rel=0.08 [step=N] [out=PATH]
 
-The run must have trained with ``callbacks=phema``. The result is the run's checkpoint (``ckpt=``,
-default ``<run_dir>/checkpoints/last.ckpt``) with the reconstructed weights as its EMA weights
+A Hydra command (options in ``conf/phema.yaml``; ``--help`` lists them). The run must have trained with
+``callbacks=phema``. The result is the run's checkpoint (``ckpt=``, default
+``<run_dir>/checkpoints/last.ckpt``) with the reconstructed weights as its EMA weights
 (``state_dict``; the raw weights stay in ``current_model_state``), without the optimizer and callback
 state: ``sample`` and ``evaluate`` read it like any ``last.ckpt`` (with ``ema=true``); it does not resume
 training.
@@ -19,18 +20,19 @@ if __name__ == "__main__":  # run as a command: OpenMP's settings before torch l
 
     configure_command()
 
-import sys
 from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
 
 from diffusion_lab.training.checkpoint import read_checkpoint
 from diffusion_lab.training.checkpoint_io import atomic_torch_save
 from diffusion_lab.training.phema import list_snapshots, reconstruct_state
-from diffusion_lab.utils.cli import HELP_FLAGS, exit_on_bad_input
+from diffusion_lab.utils.cli import exit_on_bad_input
 
-__all__ = ["reconstruct_checkpoint", "main"]
+__all__ = ["reconstruct_checkpoint", "run", "main"]
 
-USAGE = __doc__
-KEYS = ("run_dir", "sigma_rel", "step", "out", "ckpt", "dirname")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 DROPPED = ("optimizer_states", "lr_schedulers", "callbacks", "loops")  # training state only
 
 
@@ -90,35 +92,29 @@ def reconstruct_checkpoint(
     return out
 
 
-def _parse(argv: list[str]) -> dict:
-    opts: dict = {}
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep or key not in KEYS:
-            raise ValueError(f"unknown argument {arg!r}: give key=value with key in {', '.join(KEYS)}")
-        opts[key] = value
-    if "run_dir" not in opts or "sigma_rel" not in opts:
-        raise ValueError(
-            "give run_dir=PATH and sigma_rel=S, e.g. run_dir=outputs/train/runs/<run> sigma_rel=0.08"
-        )
-    for key, cast in (("sigma_rel", float), ("step", int)):
-        if key in opts:
-            try:
-                opts[key] = cast(opts[key])
-            except ValueError:
-                raise ValueError(f"{key}={opts[key]!r} is not a {cast.__name__}") from None
-    return opts
+def run(cfg: DictConfig) -> Path:
+    """The command on a composed ``conf/phema.yaml`` (``diffusion_lab.api.compose_config("phema", [...])``
+    in Python): check the values, write the checkpoint, print where it went."""
+    sigma_rel, step = cfg.sigma_rel, cfg.step
+    if isinstance(sigma_rel, bool) or not isinstance(sigma_rel, (int, float)):
+        raise ValueError(f"sigma_rel={sigma_rel!r} is not a number: give e.g. sigma_rel=0.08")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise ValueError(f"step={step!r} is not an integer: give a training step, or leave it out")
+    out = reconstruct_checkpoint(
+        cfg.run_dir, float(sigma_rel), step, out=cfg.out, ckpt=cfg.ckpt, dirname=cfg.dirname
+    )
+    print(f"post-hoc EMA sigma_rel={sigma_rel} -> {out}")
+    return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in HELP_FLAGS for a in argv):
-        print(USAGE.strip())
-        return
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="phema")
+def _phema_main(cfg: DictConfig) -> None:
     with exit_on_bad_input():
-        opts = _parse(argv)
-        out = reconstruct_checkpoint(**opts)
-    print(f"post-hoc EMA sigma_rel={opts['sigma_rel']} -> {out}")
+        run(cfg)
+
+
+def main() -> None:
+    _phema_main()
 
 
 if __name__ == "__main__":

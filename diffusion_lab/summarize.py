@@ -1,10 +1,11 @@
 """Collect a multirun into one table:
 
-    python -m diffusion_lab.summarize outputs/train/multiruns/2026-11-21_10-00-00-000000 [--metric val/loss]
+    python -m diffusion_lab.summarize dir=outputs/train/multiruns/2026-11-21_10-00-00-000000 [metric=val/loss]
 
 reads every job's overrides (``.hydra/overrides.yaml``) and final metrics (``result.yaml``) and writes
 ``summary.csv``, ``summary.md`` and ``summary.png`` (the metric against each swept value) in that folder.
-The plot needs the ``plot`` extra (matplotlib); without it the CSV and the table are still written.
+A Hydra command (options in ``conf/summarize.yaml``; ``--help`` lists them). The plot needs the ``plot``
+extra (matplotlib); without it the CSV and the table are still written.
 """
 
 # ruff: noqa: E402  (a command sets up the process before its imports load torch)
@@ -16,16 +17,20 @@ if __name__ == "__main__":  # run as a command: OpenMP's settings before torch l
 
     configure_command()
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 
+import hydra
 import yaml
+from omegaconf import DictConfig
 
+from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.extras import MissingExtraError, require_extra
 
-__all__ = ["collect", "write_summary", "main"]
+__all__ = ["collect", "write_summary", "run", "main"]
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def collect(multirun_dir: str | Path) -> tuple[list[dict], list[str], list[str]]:
@@ -114,22 +119,23 @@ def _plot(rows: list[dict], swept: list[str], metric: str, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description="Summarise a Hydra multirun folder into CSV, markdown and a plot."
-    )
-    parser.add_argument("multirun_dir")
-    parser.add_argument("--metric", default=None, help="metric to plot (default: best FID, else val/bpd)")
-    args = parser.parse_args(argv)
-    try:
-        out = write_summary(args.multirun_dir, args.metric)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print((Path(out["md"])).read_text())
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """The command on a composed ``conf/summarize.yaml``: write the summary, print the table."""
+    out = write_summary(cfg.dir, cfg.metric)
+    print(Path(out["md"]).read_text())
     print("written:", ", ".join(str(p) for p in out.values()))
-    return 0
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="summarize")
+def _summarize_main(cfg: DictConfig) -> None:
+    with exit_on_bad_input():
+        run(cfg)
+
+
+def main() -> None:
+    _summarize_main()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

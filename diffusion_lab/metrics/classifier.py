@@ -136,7 +136,7 @@ class ClassifierFeatures(DualFeatureExtractor):
             raise ValueError(
                 f"classifier features: images are {tuple(x.shape[1:])} but the classifier was trained on "
                 f"({cfg.channels}, {cfg.image_size}, {cfg.image_size}) '{cfg.dataset}' images; "
-                "train a classifier for this dataset/image size (evaluate train_classifier)."
+                "train one for this dataset/image size (python -m diffusion_lab.metrics.train_classifier)."
             )
         feats, logits = self.classifier.features_and_logits(to_unit_range(x))
         return {"features": feats, "logits": logits}

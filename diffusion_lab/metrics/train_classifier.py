@@ -7,8 +7,12 @@ Library use (no data code needed)::
 
 Command line (the DataModule supplies the images through ``.real_images(split)``)::
 
-    python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=/data/hoda
+    python -m diffusion_lab.metrics.train_classifier dataset=persian dataset.root=/data/hoda
     python -m diffusion_lab.metrics.train_classifier dataset=mnist metrics.classifier_epochs=8
+
+A Hydra command: ``conf/train_classifier.yaml`` composes the ``dataset`` (default digits), ``metrics`` and
+``paths`` groups; the options are the ``metrics.classifier_*`` keys (``--help`` lists them).
+``python -m diffusion_lab.evaluate train_classifier ...`` runs the same.
 
 Augmentation is a small random affine map per image (rotation +-10 degrees, scale 0.9-1.1, translation
 +-2 px on 28 px; no flips: a mirrored digit is another symbol or none). Optimiser: AdamW with a one-cycle
@@ -29,9 +33,10 @@ if __name__ == "__main__":  # run as a command: OpenMP's settings before torch l
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import hydra
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -40,15 +45,9 @@ from diffusion_lab.metrics.classifier import ClassifierConfig, DigitClassifier, 
 from diffusion_lab.utils.media import to_unit_range
 from diffusion_lab.utils.progress import track
 
-__all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "main", "compose_config", "command"]
+__all__ = ["random_affine", "train_classifier", "evaluate_accuracy", "run", "main"]
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-USAGE = """Train the digit classifier behind the classifier-feature metrics (FID, KID, IS, class histogram).
-
-usage: python -m diffusion_lab.evaluate train_classifier dataset=<name> [dataset.<key>=...] [metrics.<key>=..]
-  e.g. python -m diffusion_lab.evaluate train_classifier dataset=mnist metrics.classifier_epochs=8
-Options: metrics.classifier_epochs, classifier_seed, classifier_threads, classifier_path (where it is saved),
-classifier_train_split, classifier_test_split."""
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 @contextlib.contextmanager
@@ -216,23 +215,22 @@ def train_classifier(
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Command line: images from the DataModule (conf/dataset/<name>.yaml), options from conf/metrics/default.yaml
+# Command line: images from the DataModule (conf/dataset/<name>.yaml), options from conf/train_classifier.yaml
 # ---------------------------------------------------------------------------------------------------------
 
 
-def main(cfg) -> tuple[DigitClassifier, float]:
-    """Train on ``cfg.dataset`` (a config with ``dataset`` and ``metrics`` groups); save the classifier.
+def run(cfg) -> tuple[DigitClassifier, float]:
+    """Train on ``cfg.dataset`` (a composed ``conf/train_classifier.yaml``); save the classifier.
 
     Splits: ``metrics.classifier_train_split`` / ``metrics.classifier_test_split`` of the DataModule's
-    ``real_images`` (defaults train / test). Output: ``metrics.classifier_path``.
+    ``real_images``. Output: ``metrics.classifier_path``.
     """
     from hydra.utils import instantiate
 
     dm = instantiate(cfg.dataset)
     dm.prepare_data()
     mcfg = cfg.metrics
-    train_split = mcfg.get("classifier_train_split", "train")
-    test_split = mcfg.get("classifier_test_split", "test")
+    train_split, test_split = mcfg.classifier_train_split, mcfg.classifier_test_split
     train_x, train_y = dm.real_images(train_split)
     test_x, test_y = dm.real_images(test_split)
     print(
@@ -244,52 +242,28 @@ def main(cfg) -> tuple[DigitClassifier, float]:
         train_y,
         test_x,
         test_y,
-        epochs=int(mcfg.get("classifier_epochs", 5)),
-        seed=int(mcfg.get("classifier_seed", 0)),
+        epochs=int(mcfg.classifier_epochs),
+        seed=int(mcfg.classifier_seed),
         num_classes=dm.num_classes,
         dataset=dm.name,
-        num_threads=mcfg.get("classifier_threads"),
+        num_threads=mcfg.classifier_threads,
     )
     out = save_classifier(model, mcfg.classifier_path)
     print(f"test accuracy {acc:.4f}; saved {out}")
     return model, acc
 
 
-def compose_config(overrides: Sequence[str]):
-    """Compose the ``dataset``, ``metrics`` and ``paths`` groups of ``conf/`` (not the whole training config).
-
-    ``dataset=mnist``-style group choices work as on the training command line.
-    """
-    from hydra import compose, initialize_config_dir
-
-    groups = ("dataset", "metrics", "paths")
-    fixed = [("+" + o if o.split("=", 1)[0] in groups else o) for o in overrides]
-    if not any(o.startswith("+dataset=") for o in fixed):
-        raise ValueError("train_classifier: name the data, e.g. `dataset=mnist dataset.root=/path/to/mnist`")
-    fixed += [f"+{g}=default" for g in groups[1:] if not any(o.startswith(f"+{g}=") for o in fixed)]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(overrides=fixed)
-
-
-def command(argv: Sequence[str]) -> None:
-    """The command line: ``--help`` prints the usage and the config (of ``dataset=digits`` unless a dataset
-    is named) and returns; otherwise train, with bad input ending in one line and exit code 1."""
-    from omegaconf import OmegaConf
-
-    from diffusion_lab.utils.cli import HELP_FLAGS, exit_on_bad_input, print_command_help
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train_classifier")
+def _train_classifier_main(cfg) -> None:
+    from diffusion_lab.utils.cli import exit_on_bad_input
 
     with exit_on_bad_input():
-        if any(a in HELP_FLAGS for a in argv):
-            overrides = [a for a in argv if a not in HELP_FLAGS]
-            if not any(o.split("=", 1)[0].lstrip("+") == "dataset" for o in overrides):
-                overrides.insert(0, "dataset=digits")
-            yaml = OmegaConf.to_yaml(compose_config(overrides))
-            print_command_help(USAGE, CONF_DIR, ["dataset"], yaml)
-            return
-        main(compose_config(argv))
+        run(cfg)
+
+
+def main() -> None:
+    _train_classifier_main()
 
 
 if __name__ == "__main__":
-    import sys
-
-    command(sys.argv[1:])
+    main()

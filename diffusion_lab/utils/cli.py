@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator
 
-__all__ = ["exit_on_bad_input", "CommandError", "one_line_error", "HELP_FLAGS", "print_command_help"]
+__all__ = ["exit_on_bad_input", "CommandError", "one_line_error", "HELP_FLAGS"]
 
 HELP_FLAGS = ("--help", "-h")
 
@@ -45,14 +44,3 @@ def exit_on_bad_input() -> Iterator[None]:
         message = " ".join(str(e).split("\n")) if str(e) else type(e).__name__
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
-
-
-def print_command_help(usage: str, conf_dir: str | Path, groups: Sequence[str], config_yaml: str) -> None:
-    """Help of a command that composes ``conf/`` without ``@hydra.main``, laid out like Hydra's ``--help``:
-    the usage, the options of each config group, and the composed config."""
-    print(usage.strip() + "\n\n== Configuration groups ==")
-    print("Compose your configuration from those groups (group=option)\n")
-    for group in groups:
-        print(f"{group}: {', '.join(sorted(p.stem for p in (Path(conf_dir) / group).glob('*.yaml')))}")
-    print("\n\n== Config ==\nOverride anything in the config (foo.bar=value)\n")
-    print(config_yaml)

@@ -6,7 +6,7 @@
 # 100-sample grid; report.py writes results.md and results.json beside this script. About 1.5 hours on a
 # 2-core CPU (two trainings at a time, one thread each).
 #   bash experiments/backbones/run.sh /path/to/hoda
-# The digit classifier must exist: python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=...
+# The digit classifier must exist: python -m diffusion_lab.metrics.train_classifier dataset=persian dataset.root=...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="${1:?usage: run.sh /path/to/hoda}"
@@ -22,7 +22,7 @@ train() {  # name
 }
 score() {  # name
     local ckpt; ckpt=$(ls -t "$OUT/$1"/hoda32_uncond/runs/*/checkpoints/last.ckpt | head -1)
-    $PY -m diffusion_lab.evaluate ckpt="$ckpt" n=2000 metric_names=[fid_classifier,class_histogram] \
+    $PY -m diffusion_lab.evaluate ckpt="$ckpt" n=2000 metrics=[fid_classifier,class_histogram] \
         data_root="$ROOT" out="$OUT/$1.eval.json" "${SAMPLER[@]}"
     $PY -m diffusion_lab.sample ckpt="$ckpt" n=100 out="$OUT/$1.samples" "${SAMPLER[@]}"
 }

@@ -3,7 +3,7 @@
 # time on a 2-core CPU), the class histogram and classifier FID of each, and the sampler study on the
 # preset's model; about 5 hours in all.
 #   bash experiments/uncond_recipe/run.sh /path/to/hoda
-# The digit classifier must exist: python -m diffusion_lab.evaluate train_classifier dataset=persian dataset.root=...
+# The digit classifier must exist: python -m diffusion_lab.metrics.train_classifier dataset=persian dataset.root=...
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT="${1:?usage: run.sh /path/to/hoda}"
@@ -17,7 +17,7 @@ score() {  # name, n, extra overrides...
     local name=$1 n=$2; shift 2
     local tag; tag=$(printf '%s' "$*" | tr -c 'A-Za-z0-9.-' '_')   # one file per sampler setting
     local ckpt; ckpt=$(ls -t "$OUT/$name"/hoda32_uncond/runs/*/checkpoints/last.ckpt | head -1)
-    $PY -m diffusion_lab.evaluate ckpt="$ckpt" n="$n" metric_names=[fid_classifier,class_histogram] \
+    $PY -m diffusion_lab.evaluate ckpt="$ckpt" n="$n" metrics=[fid_classifier,class_histogram] \
         data_root="$ROOT" out="$OUT/$name.n$n${tag:+.$tag}.json" "$@"
 }
 train shift1 dataset.balance_classes=false schedule.log_snr_shift=-1 &

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
+from diffusion_lab.api import compose_config
 from diffusion_lab.metrics import load_classifier
-from diffusion_lab.metrics.train_classifier import compose_config, main
+from diffusion_lab.metrics.train_classifier import run
 
 
 @pytest.mark.slow
@@ -16,6 +17,7 @@ from diffusion_lab.metrics.train_classifier import compose_config, main
 def test_train_classifier_command_learns_mnist(shared_data, tmp_path):
     out = tmp_path / "mnist.pt"
     cfg = compose_config(
+        "train_classifier",
         [
             "dataset=mnist",
             f"dataset.root={shared_data / 'mnist'}",
@@ -26,9 +28,9 @@ def test_train_classifier_command_learns_mnist(shared_data, tmp_path):
             "metrics.classifier_epochs=1",
             "metrics.classifier_threads=1",
             f"metrics.classifier_path={out}",
-        ]
+        ],
     )
-    model, acc = main(cfg)
+    model, acc = run(cfg)
     assert acc > 0.90, f"one epoch on 8,000 MNIST digits should exceed 90 % test accuracy, got {acc:.4f}"
     loaded = load_classifier(out)
     assert loaded.config.dataset == "mnist" and loaded.config.image_size == 28

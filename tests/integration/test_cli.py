@@ -91,15 +91,34 @@ def test_train_classifier_command(tmp_path, run_command):
 @pytest.mark.parametrize(
     "command, args, dataset",
     [
-        ("diffusion_lab.evaluate", ["train_classifier", "--help"], "digits"),
+        ("diffusion_lab.metrics.train_classifier", ["dataset=digits", "--help"], "digits"),
         ("diffusion_lab.data.preview", ["dataset=mnist", "-h"], "mnist"),
     ],
 )
-def test_help_of_the_commands_without_hydra_main(tmp_path, run_command, command, args, dataset):
-    """Like the Hydra commands: usage, the dataset choices and the composed config; exit 0; nothing run."""
+def test_help_of_the_dataset_commands(tmp_path, run_command, command, args, dataset):
+    """Hydra's help: the usage, the dataset choices and the composed config; exit 0; nothing run."""
     r = run_command(command, args, tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage: python -m " in r.stdout and "dataset: " in r.stdout and "digits" in r.stdout
     assert "_target_: diffusion_lab.data.DiffusionDataModule" in r.stdout
     assert f"name: {dataset}" in r.stdout, "the config composed with the given overrides"
     assert not list(tmp_path.glob("*.png")), "help writes nothing"
+
+
+def test_small_commands_are_hydra_commands(tmp_path, run_command):
+    """phema, summarize, preview and train_classifier take key=value options and print Hydra's help; a missing
+    or bad option ends in one line naming it."""
+    for command, key in (
+        ("diffusion_lab.phema", "sigma_rel"),
+        ("diffusion_lab.summarize", "metric"),
+        ("diffusion_lab.data.preview", "per_class"),
+        ("diffusion_lab.metrics.train_classifier", "classifier_epochs"),
+    ):
+        r = run_command(command, ["--help"], tmp_path, timeout=120)
+        assert r.returncode == 0 and f"usage: python -m {command}" in r.stdout and key in r.stdout, r.stdout
+    r = run_command("diffusion_lab.summarize", [f"dir={tmp_path / 'none'}"], tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: multirun folder not found"), r.stderr
+    r = run_command("diffusion_lab.phema", [f"run_dir={tmp_path}", "sigma_rel=abc"], tmp_path)
+    assert r.returncode == 1 and r.stderr.startswith("error: sigma_rel='abc' is not a number"), r.stderr
+    r = run_command("diffusion_lab.summarize", [f"dir={tmp_path}", "--metric", "val/loss"], tmp_path)
+    assert r.returncode != 0 and "Traceback" not in r.stderr

@@ -276,7 +276,7 @@ def _options() -> list[list[str]]:
         if group.name in ("hydra", "hparams_search", "paths"):
             continue  # launch-time only (and hparams_search needs the Optuna plugin to compose)
         for option in sorted(group.glob("*.yaml")):
-            override = "experiment" if group.name == "experiment" else group.name
+            override = {"metric_suite": "metric_suite@metrics"}.get(group.name, group.name)
             cases.append([f"{override}={option.stem}"])
     return cases
 

@@ -197,11 +197,11 @@ def test_callback_configs_build(tmp_path, option):
     assert any(isinstance(cb, EMA) for cb in built) == (option in ("default", "phema")), option
 
 
-@pytest.mark.parametrize("option", GROUPS["metrics"])
+@pytest.mark.parametrize("option", GROUPS["metric_suite"])
 def test_metrics_configs_build(tmp_path, option):
     from diffusion_lab.metrics import MetricSuite
 
-    cfg = _compose(tmp_path, f"metrics={option}")
+    cfg = _compose(tmp_path, f"metric_suite@metrics={option}")
     suite = MetricSuite.from_config(cfg.metrics)
     assert suite.names == list(cfg.metrics.names)
     assert cfg.metrics.sampler is None or callable(instantiate(cfg.metrics.sampler))

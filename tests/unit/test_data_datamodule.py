@@ -214,8 +214,10 @@ def test_lightning_trainer_consumes_the_datamodule(cache, tmp_path):
 
 
 def test_preview_writes_a_grid(tmp_path, cache):
-    from diffusion_lab.data.preview import main
+    from diffusion_lab.api import compose_config
+    from diffusion_lab.data.preview import run
 
-    out = main(["dataset=digits", f"dataset.cache_dir={cache}", f"out={tmp_path / 'grid.png'}", "scale=1"])
+    overrides = ["dataset=digits", f"dataset.cache_dir={cache}", f"out={tmp_path / 'grid.png'}", "scale=1"]
+    out = run(compose_config("preview", overrides))
     img = Image.open(out)
     assert img.size == (10 * 18 + 2, 10 * 18 + 2)  # 10 x 10 images of 16 px with 2 px padding

@@ -227,13 +227,15 @@ def test_reconstruction_is_the_edm2_weighted_sum_of_snapshots(tmp_path):
 
 
 def test_phema_command_writes_the_normalised_reconstruction(tmp_path, capsys):
-    """``python -m diffusion_lab.phema`` (its ``main``): the checkpoint's EMA weights are the EDM2-weighted
-    sum of the snapshots, its recorded coefficients sum to one, the weights not in the snapshots stay."""
-    from diffusion_lab.phema import main
+    """``python -m diffusion_lab.phema`` (its ``run`` on the composed ``conf/phema.yaml``): the checkpoint's
+    EMA weights are the EDM2-weighted sum of the snapshots, its recorded coefficients sum to one, the weights
+    not in the snapshots stay."""
+    from diffusion_lab.api import compose_config
+    from diffusion_lab.phema import run as phema
 
     run, weights = _fake_run(tmp_path)
     out = tmp_path / "rec.ckpt"
-    main([f"run_dir={run}", "sigma_rel=0.20", "step=200", f"out={out}"])
+    phema(compose_config("phema", [f"run_dir={run}", "sigma_rel=0.20", "step=200", f"out={out}"]))
     assert str(out) in capsys.readouterr().out
     rec = torch.load(out, weights_only=True)
     steps, rels = _pairs(2)
