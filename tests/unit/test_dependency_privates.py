@@ -19,6 +19,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, Weight
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 
+def _logger_connector():
+    from lightning.pytorch import Trainer
+
+    return Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)._logger_connector
+
+
 class Private(NamedTuple):
     dist: str  # the distribution that owns it
     owner: Callable[[], Any]  # gives what carries it (a class given as such gives an instance)
@@ -88,6 +94,50 @@ PRIVATES = [
         "training/callbacks.py, training/phema.py: EMA updates in one fused pass",
     ),
     Private("torch", lambda: torch, "_foreach_norm", (), "training/guards.py: gradient norms in one pass"),
+    Private(
+        "torch",
+        lambda: torch,
+        "_foreach_copy_",
+        (),
+        "training/callbacks.py EMA: copies the buffers into the averaged model in one pass",
+    ),
+    Private(
+        "torch",
+        lambda: torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True),
+        "_step_supports_amp_scaling",
+        (),
+        "training/guards.py: a fused optimizer step reads found_inf on the device and skips itself (the "
+        "guard's no-wait skip; GradScaler relies on the same flag)",
+    ),
+    Private(
+        "lightning",
+        lambda: WeightAveraging(),
+        "_latest_update_step",
+        (),
+        "training/callbacks.py EMA: the step of the last update, kept in Python (no read of n_averaged)",
+    ),
+    Private(
+        "lightning",
+        lambda: WeightAveraging(),
+        "_use_buffers",
+        (),
+        "training/callbacks.py EMA: whether buffers are averaged or copied",
+    ),
+    Private(
+        "lightning",
+        _logger_connector,
+        "log_metrics",
+        ("metrics",),
+        "training/throughput.py ImagesPerSecond: logs the images/s at logging steps (as ThroughputMonitor "
+        "does; LightningModule.log is not callable from that hook)",
+    ),
+    Private(
+        "lightning",
+        _logger_connector,
+        "should_update_logs",
+        (),
+        "training/host_sync.py: which steps are logging steps (the test checks it against Lightning's rule)",
+    ),
     Private(
         "torch",
         lambda: torch.zeros(1),
