@@ -45,6 +45,7 @@ from diffusion_lab.training.run_lock import lock_run_dir, release_run_dir, run_d
 from diffusion_lab.utils.cli import CommandError, exit_on_bad_input
 from diffusion_lab.utils.config_utils import print_config_tree
 from diffusion_lab.utils.cpu import default_threads, register_resolvers
+from diffusion_lab.utils.device import configure_gpu
 from diffusion_lab.utils.fileio import remove_stale_temp_files
 from diffusion_lab.utils.safe_config import check_arguments, upgrade_targets
 
@@ -215,6 +216,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
+    configure_gpu(trainer.strategy.root_device)  # TF32 matmuls on a GPU (utils/device.py)
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)

@@ -35,6 +35,7 @@ __all__ = [
     "Downsample",
     "Upsample",
     "group_norm",
+    "GroupNorm",
     "attention_levels",
     "check_input_devices",
 ]
@@ -55,10 +56,43 @@ def check_input_devices(name: str, weight: Tensor, **inputs: object) -> None:
         )
 
 
-def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with the largest number of groups <= ``max_groups`` that divides ``channels``."""
+# devices whose group_norm kernel takes fp32 weight and bias beside a bf16 / fp16 input (CPU); elsewhere
+# (CUDA) the kernel reads them in the input's dtype
+_MIXED_DTYPE_DEVICES = ("cpu",)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that stays in its input's dtype under autocast.
+
+    CUDA autocast puts ``group_norm`` on its fp32 list: under bf16-mixed every norm casts its bf16 input to
+    fp32, and the fp32 output makes the SiLU, the FiLM and the residual adds that follow fp32 too, until the
+    next convolution casts back (51 norms per unet_cifar forward). Here the norm runs on the input as it comes
+    (autocast off for the call), with weight and bias in the input's dtype where the kernel wants them so. The
+    kernels accumulate mean and variance in fp32 for a bf16 / fp16 input, on the CPU and on CUDA (``acc_type``
+    of ``group_norm_kernel.cu``), so only the output is rounded to bf16: within one bf16 rounding of an fp64
+    reference (tests/unit/test_group_norm.py).
+
+    Outside autocast it is ``nn.GroupNorm`` itself: fp32 runs are bit for bit what they were.
+    ``autocast_fp32 = True`` (``UNet(fp32_norm=True)``) keeps torch's autocast rule.
+    """
+
+    autocast_fp32: bool = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        device = x.device.type
+        if self.autocast_fp32 or not torch.is_autocast_enabled(device):
+            return super().forward(x)
+        weight, bias = self.weight, self.bias
+        if device not in _MIXED_DTYPE_DEVICES and weight is not None:
+            weight, bias = weight.to(x.dtype), bias.to(x.dtype)
+        with torch.autocast(device, enabled=False):
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+
+def group_norm(channels: int, max_groups: int = 32) -> GroupNorm:
+    """:class:`GroupNorm` with the largest number of groups <= ``max_groups`` that divides ``channels``."""
     groups = max(g for g in range(1, min(max_groups, channels) + 1) if channels % g == 0)
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
@@ -279,6 +313,9 @@ class UNet(nn.Module):
             DDPM) instead of adding the embedding before the norm (DDPM).
         resblock_updown: resample with residual blocks (BigGAN style) instead of strided conv /
             nearest + conv.
+        fp32_norm: under autocast, run the GroupNorms in fp32 as torch's CUDA autocast does (a cast to fp32
+            and, from channels_last, a copy to NCHW per norm); False: in the activations' dtype
+            (:class:`GroupNorm`). Outside autocast the two are the same.
     """
 
     def __init__(
@@ -296,6 +333,7 @@ class UNet(nn.Module):
         num_classes: int | None = None,
         use_scale_shift_norm: bool = True,
         resblock_updown: bool = False,
+        fp32_norm: bool = False,
     ):
         super().__init__()
         channel_mult = tuple(int(m) for m in channel_mult)
@@ -370,6 +408,10 @@ class UNet(nn.Module):
                 self.output_blocks.append(EmbedSequential(*layers))
 
         self.out = nn.Sequential(group_norm(ch), nn.SiLU(), zero_module(conv3x3(ch, self.out_channels)))
+        self.fp32_norm = bool(fp32_norm)
+        for m in self.modules():
+            if isinstance(m, GroupNorm):
+                m.autocast_fp32 = self.fp32_norm
 
     def embed(self, t: Tensor, y: Tensor | None, batch: int) -> Tensor:
         """Time (+ class) embedding, (B, 4 * channels); t (B,) on the weights' device, or a number."""

@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.utils.device import compile_options
 from diffusion_lab.utils.safe_config import check_arguments
 
 __all__ = ["build_module", "speed_up"]
@@ -20,13 +21,16 @@ def _make(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
     return instantiate(cfg[key], **kwargs)
 
 
-def speed_up(model: torch.nn.Module, channels_last: bool = False, compile: bool = False) -> torch.nn.Module:
+def speed_up(
+    model: torch.nn.Module, channels_last: bool = False, compile: bool | str = False
+) -> torch.nn.Module:
     """The backbone's speed switches: NHWC memory layout (faster convolutions on GPUs; on CPUs eager GroupNorm
-    in NHWC is slow) and ``torch.compile`` in place (``Module.compile``: state_dict keys unchanged)."""
+    in NHWC is slow) and ``torch.compile`` in place (``Module.compile``: state_dict keys unchanged);
+    ``compile`` is false, true or a torch.compile mode such as ``reduce-overhead`` (utils/device.py)."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()
+    if (options := compile_options(compile)) is not None:
+        model.compile(**options)
     return model
 
 
@@ -57,7 +61,7 @@ def build_module(
         num_classes=num_classes if cfg.get("class_conditional", False) else None,
     )
     if training:
-        model = speed_up(model, bool(cfg.get("channels_last", False)), bool(cfg.get("compile", False)))
+        model = speed_up(model, bool(cfg.get("channels_last", False)), cfg.get("compile", False))
     module = DiffusionModule(
         model=model,
         diffusion=diffusion,

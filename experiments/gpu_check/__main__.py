@@ -1,8 +1,10 @@
-"""python -m experiments.gpu_check [--device cuda|cpu] [--tiny] [--out DIR] [--budget SECONDS] [--only ...]
+"""python -m experiments.gpu_check [--device cuda|cpu] [--tiny] [--out DIR] [--budget-s SECONDS] [--only ...]
 
-Runs every section in its own subprocess (``--section NAME``) under a time limit and a budget for the whole
-run, then writes ``results.json`` and ``results.md`` to ``--out`` (after every section) and prints the
-tables. Exit status 1 when a section errored, timed out or failed a check.
+Runs the sections in order of priority, each in its own subprocess (``--section NAME``) under its time limit
+and the budget for the whole run (a section that would not fit in what is left is skipped, the reason
+recorded), and writes ``results.json`` and ``results.md`` to ``--out`` at the start and after every section
+(each write whole or not at all), then prints the tables. Exit status 1 when a section errored, timed out or
+failed a check.
 """
 
 from __future__ import annotations
@@ -18,23 +20,38 @@ import sys
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_BUDGET_GPU = 400.0  # s: with the machine's start-up, about 8 minutes of device time in one call
+DEFAULT_BUDGET_TINY = 900.0
 
-# name -> (time limit on the GPU in s, on the CPU with --tiny, optional), in order of priority. The GPU limits
-# add up to more than the default budget: they bound a section that hangs; the budget bounds the run (a
-# section is skipped when under 20 s are left, an optional one when less than its limit is left).
-SECTIONS: dict[str, tuple[int, int, bool]] = {
-    "env": (60, 120, False),
-    "training": (200, 180, False),  # first after env: the real trainer=gpu path matters most (cold compile)
-    "sampling": (60, 120, False),
-    "fid": (60, 120, False),
-    "ddp": (90, 180, False),
-    "speed_unet_cifar": (150, 120, False),
-    "speed_unet_small": (100, 120, False),
-    "speed_dit": (100, 120, False),
-    "ddp_compile": (150, 60, True),
+
+@dataclass(frozen=True)
+class Section:
+    """A section's time limit on the GPU and on the CPU at toy size (it is killed there), and the least time
+    it needs to be worth starting (``need``, GPU / toy): with less of the budget left it is skipped, the
+    reason recorded. ``optional``: outside the issue's list, run only where time is left over."""
+
+    gpu_limit: int
+    cpu_limit: int
+    gpu_need: int
+    cpu_need: int
+    optional: bool = False
+
+
+# In order of priority (issue 35): whatever the budget cuts, it cuts from the end.
+SECTIONS: dict[str, Section] = {
+    "env": Section(60, 120, 15, 10),  # environment, matmul peaks, what GroupNorm does on this build
+    "roundtrip": Section(120, 240, 45, 30),  # bf16 vs fp32 train(); load_module(map_location=cuda) + bf16
+    "eager_unet_cifar": Section(150, 300, 45, 30),  # {fp32, bf16} x {NCHW, NHWC}, the norm fix, profiles
+    "overhead": Section(240, 300, 120, 30),  # train() (trainer=gpu) against the bare compiled step
+    "syncs": Section(90, 180, 35, 20),  # host syncs per step by call site
+    "dit": Section(180, 240, 80, 30),  # DiT-S/2 and DiT-B/2 compiled bf16
+    "sampling": Section(120, 240, 35, 20),  # every precision
+    "fid": Section(60, 120, 40, 20, optional=True),
+    "ddp": Section(90, 180, 60, 30, optional=True),
 }
 
 
@@ -46,19 +63,34 @@ def _run_section(name: str, ctx) -> None:
     rec = Record(ctx.out / "sections" / f"{name}{suffix}.json", section=name)
     start = time.perf_counter()
     try:
+        if name != "env":  # env records the settings before and after
+            from diffusion_lab.utils.device import configure_gpu
+
+            rec["configure_gpu"] = configure_gpu(ctx.device)
         if name == "env":
             from experiments.gpu_check.env import run_env
 
             run_env(ctx, rec)
-        elif name.startswith("speed_"):
-            from experiments.gpu_check.speed import dit_model_name, run_speed
+        elif name == "roundtrip":
+            from experiments.gpu_check.roundtrip import run_roundtrip
 
-            model = dit_model_name() if name == "speed_dit" else name[len("speed_") :]
-            run_speed(ctx, rec, model)
-        elif name == "training":
-            from experiments.gpu_check.training import run_training
+            run_roundtrip(ctx, rec)
+        elif name == "eager_unet_cifar":
+            from experiments.gpu_check.speed import run_eager
 
-            run_training(ctx, rec)
+            run_eager(ctx, rec)
+        elif name == "overhead":
+            from experiments.gpu_check.overhead import run_overhead
+
+            run_overhead(ctx, rec)
+        elif name == "syncs":
+            from experiments.gpu_check.syncs import run_syncs
+
+            run_syncs(ctx, rec)
+        elif name == "dit":
+            from experiments.gpu_check.speed import run_dit
+
+            run_dit(ctx, rec)
         elif name == "sampling":
             from experiments.gpu_check.sampling import run_sampling
 
@@ -67,10 +99,10 @@ def _run_section(name: str, ctx) -> None:
             from experiments.gpu_check.sampling import run_fid
 
             run_fid(ctx, rec)
-        elif name in ("ddp", "ddp_compile"):
+        elif name == "ddp":
             from experiments.gpu_check.ddp import run_ddp
 
-            run_ddp(ctx, rec, compile=name == "ddp_compile")
+            run_ddp(ctx, rec)
         else:
             raise ValueError(f"unknown section '{name}'; choose from {', '.join(SECTIONS)}")
         if rec["status"] == "running":
@@ -101,7 +133,8 @@ def _child(name: str, args, limit: float) -> dict:
     result_file.unlink(missing_ok=True)
     log = out / "logs" / f"{name}.log"
     cmd = [sys.executable, "-m", "experiments.gpu_check", "--section", name, "--device", args.device]
-    cmd += ["--out", str(out), "--work", args.work] + ["--tiny"] * args.tiny
+    cmd += ["--out", str(out), "--work", args.work, "--deadline", f"{time.time() + limit:.1f}"]
+    cmd += ["--tiny"] * args.tiny
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -137,24 +170,35 @@ def _child(name: str, args, limit: float) -> dict:
     return rec
 
 
+def _write_atomic(path: Path, text: str) -> None:
+    """A whole file or none: a kill during the write leaves the previous version."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def _write(out: Path, results: dict) -> str:
     """results.json, then results.md (a bug in the report must not cost the measurements)."""
     from experiments.gpu_check.report import to_markdown
 
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    _write_atomic(out / "results.json", json.dumps(results, indent=1, default=str) + "\n")
     try:
         md = to_markdown(results)
     except Exception as e:  # noqa: BLE001
         md = f"(results.md could not be written: {type(e).__name__}: {e}; see results.json)\n"
-    (out / "results.md").write_text(md)
+    _write_atomic(out / "results.md", md)
     return md
 
 
+def _skipped(reason: str) -> dict:
+    return {"status": "skipped", "reason": reason, "checks": {}}
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="The GPU path, checked in a few minutes (make gpu-check).")
+    p = argparse.ArgumentParser(description="The GPU path, checked in about 8 minutes (make gpu-check).")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument(
-        "--tiny", action="store_true", help="toy sizes: the same code paths in seconds (CPU tests)"
+        "--tiny", action="store_true", help="toy sizes: every section's code path in minutes (CPU tests)"
     )
     p.add_argument("--out", default=str(REPO / "outputs" / "gpu_check"), help="results folder")
     p.add_argument(
@@ -163,9 +207,19 @@ def main(argv: list[str] | None = None) -> int:
         help="run folders, checkpoints, data cache (default: a new temporary folder, removed at the end)",
     )
     p.add_argument("--keep-work", action="store_true", help="keep the temporary --work folder")
-    p.add_argument("--budget", type=float, default=None, help="seconds for the whole run (GPU 420, tiny 600)")
+    p.add_argument(
+        "--budget-s",
+        "--budget",
+        dest="budget",
+        type=float,
+        default=None,
+        help=f"seconds for the whole run (default GPU {DEFAULT_BUDGET_GPU:.0f}, --tiny "
+        f"{DEFAULT_BUDGET_TINY:.0f}); a section that would not fit in what is left is skipped, "
+        "the reason recorded",
+    )
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None, help="run only these sections")
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # one section, in this process
+    p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # its time.time() limit
     args = p.parse_args(argv)
     if args.device is None:
         import torch
@@ -176,10 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     args.out = str(out)
     if args.section:
-        import diffusion_lab  # noqa: F401 (first: the project's CPU settings and config resolvers)
+        from diffusion_lab.utils.cpu import configure_cpu, register_resolvers
+
+        # before torch loads: OpenMP's waiting threads sleep (utils/cpu.py); a toy run on one thread (on a
+        # shared CPU a second thread on a busy core slows every step)
+        configure_cpu(threads=1 if args.tiny and args.device == "cpu" else None, warn=False)
+        register_resolvers()  # ${cpu_precision:} in configs composed here
         from experiments.gpu_check.common import Ctx
 
-        _run_section(args.section, Ctx(args.device, args.tiny, out, Path(args.work)))
+        _run_section(args.section, Ctx(args.device, args.tiny, out, Path(args.work), args.deadline))
         return 0
 
     from experiments.gpu_check.report import add_mfu, failures
@@ -188,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     own_work = args.work is None
     work = Path(tempfile.mkdtemp(prefix="gpu_check_")) if own_work else Path(args.work).resolve()
     args.work = str(work)
-    budget = args.budget or (600.0 if args.tiny else 420.0)
+    budget = args.budget or (DEFAULT_BUDGET_TINY if args.tiny else DEFAULT_BUDGET_GPU)
     command = "python -m experiments.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     results = {
         "command": command.strip(),
@@ -196,45 +255,43 @@ def main(argv: list[str] | None = None) -> int:
         "tiny": args.tiny,
         "budget_s": budget,
         "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        "wall_seconds": 0.0,
         "sections": {},
         "failures": [],
     }
     start = time.perf_counter()
-    for name, (gpu_limit, cpu_limit, optional) in SECTIONS.items():
+
+    def save(running: str | None = None) -> str:
+        results["running"] = running
+        results["wall_seconds"] = round(time.perf_counter() - start, 1)
+        add_mfu(results)
+        results["failures"] = failures(results)
+        return _write(out, results)
+
+    save()  # a valid results.json from the start: a kill at any moment leaves the sections finished so far
+    for name, sec in SECTIONS.items():
         if args.only and name not in args.only:
             continue
         left = budget - (time.perf_counter() - start)
-        limit = min(cpu_limit if args.tiny else gpu_limit, left)
-        if name == "ddp_compile" and args.tiny and args.device == "cpu":
-            results["sections"][name] = {
-                "status": "skipped",
-                "reason": "compile off on CPU --tiny",
-                "checks": {},
-            }
-            continue
-        if limit < 20 or (optional and limit < (cpu_limit if args.tiny else gpu_limit)):
-            results["sections"][name] = {
-                "status": "skipped",
-                "reason": f"time budget ({left:.0f} s left)",
-                "checks": {},
-            }
-            print(f"== {name}: skipped, {left:.0f} s of the budget left", flush=True)
+        limit = min(sec.cpu_limit if args.tiny else sec.gpu_limit, left)
+        need = sec.cpu_need if args.tiny else sec.gpu_need
+        if left < need or (sec.optional and not args.only and left < limit + need):
+            results["sections"][name] = _skipped(
+                f"time budget: {max(left, 0):.0f} s left of {budget:.0f}, the section needs about {need} s"
+            )
+            print(f"== {name}: skipped, {max(left, 0):.0f} s of the budget left", flush=True)
+            save()
             continue
         print(f"== {name} (limit {limit:.0f} s)", flush=True)
+        save(running=name)
         rec = _child(name, args, limit)
         results["sections"][name] = rec
         note = rec.get("error") or rec.get("reason") or ""
         print(f"   {rec['status']} in {rec['wall_seconds']} s {note}", flush=True)
         if rec["status"] not in ("ok", "skipped"):
             print("   " + _tail(out / "logs" / f"{name}.log").replace("\n", "\n   "), flush=True)
-        results["wall_seconds"] = round(time.perf_counter() - start, 1)
-        add_mfu(results)
-        results["failures"] = failures(results)
-        _write(out, results)
-    results["wall_seconds"] = round(time.perf_counter() - start, 1)
-    add_mfu(results)
-    results["failures"] = failures(results)
-    print("\n" + _write(out, results), flush=True)
+        save()
+    print("\n" + save(), flush=True)
     if own_work and not args.keep_work:
         shutil.rmtree(work, ignore_errors=True)  # the temporary folder made above
     print(f"wrote {out / 'results.md'} and results.json ({results['wall_seconds']} s)", flush=True)

@@ -2,9 +2,8 @@
 one-process DDP run); under ``--device cpu`` ``trainer=ddp_cpu``: two gloo processes. Lightning starts the
 other ranks by running this same command again, so this section always runs in its own process.
 
-``compile=false`` here by default: the compiled backbone inside DDP is split by TorchDynamo's DDPOptimizer
-at the gradient buckets, a different graph from the single-device one, so it would be compiled anew; the
-``ddp_compile`` section runs it compiled when the time budget leaves room.
+``compile=false`` here: the compiled backbone inside DDP is split by TorchDynamo's DDPOptimizer at the
+gradient buckets, a different graph from the single-device one, so it would be compiled anew.
 """
 
 from __future__ import annotations
@@ -18,23 +17,19 @@ from experiments.gpu_check.common import Ctx, Record, compose_run_config
 __all__ = ["run_ddp"]
 
 
-def run_ddp(ctx: Ctx, rec: Record, compile: bool = False) -> None:
+def run_ddp(ctx: Ctx, rec: Record) -> None:
     from diffusion_lab.train import train
     from diffusion_lab.training.checkpoint import read_checkpoint
 
-    if compile and not ctx.compile:
-        rec["status"] = "skipped"
-        rec["reason"] = "compile off on CPU --tiny"
-        return
     steps = 4 if ctx.tiny else 30
     trainer = ["trainer=ddp"] if ctx.cuda else ["trainer=ddp_cpu", "trainer.devices=2"]
-    name = "ddp_compile" if compile else "ddp"
+    name = "ddp"
     overrides = (
         ctx.base_overrides()
         + ctx.model_overrides("unet_cifar")
         + trainer
         + [
-            f"compile={str(compile).lower()}",
+            "compile=false",
             f"trainer.max_steps={steps}",
             "trainer.limit_val_batches=0",
             "trainer.log_every_n_steps=2",

@@ -1,19 +1,26 @@
-"""Sampling images/s of DDPM's CIFAR-10 U-Net (random weights: the speed does not depend on them) with
-DPM-Solver++(2M) 20 steps (Lu et al. 2022b, Algorithm 2) and Heun 18 steps with churn (Karras et al. 2022,
-Algorithm 2; S_churn=2 as experiment=hoda32_uncond), fp32 and bf16 autocast, at batch 256; and the FID
-plumbing on the device (classifier features, and Inception where torch-fidelity and its weights are here)."""
+"""Sampling images/s of DDPM's CIFAR-10 U-Net (random weights: the speed does not depend on them) in every
+precision, one dtype and one layout per row: fp32 (TF32 convolutions and matmuls), bf16 autocast (fp32
+weights, a cast per op), bf16 weights (the network cast to bf16: ``Pipeline.to(dtype=torch.bfloat16)``,
+``load(..., dtype=)``), each in NCHW, and bf16 weights in NHWC. DPM-Solver++(2M) 20 steps (Lu et al. 2022b,
+Algorithm 2) at batch 256, each row timed as every row of the check (three repeats of one sampling call of 20
+network evaluations); Heun 18 steps with churn (Karras et al. 2022, Algorithm 2; S_churn=2 as
+experiment=hoda32_uncond) in fp32 and bf16 weights where the time left allows. The samples of each row against
+the fp32 ones of the same seed: the relative RMS gap. And the FID plumbing on the device (classifier
+features, and Inception where torch-fidelity and its weights are here)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
 
 import torch
 
-from experiments.gpu_check.common import Ctx, Record, compose_run_config, sync
+from experiments.gpu_check.common import Ctx, Record, compose_run_config, time_steps
+from experiments.gpu_check.roundtrip import CastModel
 
-__all__ = ["SAMPLERS", "run_sampling", "run_fid", "inception_weights"]
+__all__ = ["PRECISIONS", "SAMPLERS", "run_sampling", "run_fid", "inception_weights", "expected_nfe"]
 
 # name -> (sampler, steps, keywords); network evaluations: DPM-Solver++(2M) one per step, Heun 2 steps - 1
 SAMPLERS = {
@@ -21,6 +28,13 @@ SAMPLERS = {
     "Heun 18, S_churn=2": ("heun", 18, {"S_churn": 2.0}),
 }
 TINY_STEPS = {"dpm_solver": 4, "heun": 3}  # --tiny: the same samplers, fewer steps
+# name -> (autocast bf16, weights dtype, channels_last)
+PRECISIONS = {
+    "fp32": (False, torch.float32, False),
+    "bf16 autocast": (True, torch.float32, False),
+    "bf16 weights": (False, torch.bfloat16, False),
+    "bf16 weights, NHWC": (False, torch.bfloat16, True),
+}
 
 
 def expected_nfe(sampler: str, steps: int) -> int:
@@ -46,21 +60,35 @@ def run_sampling(ctx: Ctx, rec: Record) -> None:
     shape = (batch, 3, ctx.image_size, ctx.image_size)
     rec.update(batch=batch, image_size=ctx.image_size, model="unet_cifar (random weights)", rows=[])
     device_type = "cuda" if ctx.cuda else "cpu"
-    for precision in ("fp32", "bf16"):
-        model = module.model
-        if precision == "bf16":
-            model = model.to(memory_format=torch.channels_last)
-        for name, (sampler, steps, kw) in SAMPLERS.items():
-            steps = TINY_STEPS[sampler] if ctx.tiny else steps
-            nfe = expected_nfe(sampler, steps)
+    reference: dict[str, torch.Tensor] = {}
+    for name, (sampler, steps, kw) in SAMPLERS.items():
+        steps = TINY_STEPS[sampler] if ctx.tiny else steps
+        nfe = expected_nfe(sampler, steps)
+        for precision, (autocast, dtype, channels_last) in PRECISIONS.items():
+            label = f"{name} {precision}"
+            if sampler == "heun" and precision not in ("fp32", "bf16 weights"):
+                continue
+            need = 10 if ctx.tiny else 25
+            if ctx.left() < need:
+                rec["rows"].append(
+                    {
+                        "sampler": name,
+                        "precision": precision,
+                        "skipped": f"time budget ({ctx.left():.0f} s left)",
+                    }
+                )
+                rec.save()
+                continue
+            net = copy.deepcopy(module.model)
+            if channels_last:
+                net = net.to(memory_format=torch.channels_last)
+            model_fn = net if dtype == torch.float32 else CastModel(net, dtype)
+            out = {}
 
-            def run(model=model, sampler=sampler, steps=steps, kw=kw, precision=precision):
-                with (
-                    torch.no_grad(),
-                    torch.autocast(device_type, torch.bfloat16, enabled=precision == "bf16"),
-                ):
-                    return sample(
-                        model,
+            def run(model_fn=model_fn, sampler=sampler, steps=steps, kw=kw, autocast=autocast, out=out):
+                with torch.no_grad(), torch.autocast(device_type, torch.bfloat16, enabled=autocast):
+                    out["x"], out["nfe"] = sample(
+                        model_fn,
                         module.diffusion,
                         shape,
                         sampler=sampler,
@@ -71,26 +99,29 @@ def run_sampling(ctx: Ctx, rec: Record) -> None:
                         **kw,
                     )
 
-            if not ctx.tiny:
-                run()  # warm-up (cuDNN picks its kernels)
-            sync(ctx.device)
-            start = time.perf_counter()
-            reps = 1 if ctx.tiny else 2
-            for _ in range(reps):
-                x, counted = run()
-            sync(ctx.device)
-            seconds = (time.perf_counter() - start) / reps
-            row = {
-                "sampler": name if not ctx.tiny else f"{name} ({steps} steps)",
-                "precision": precision,
-                "nfe": counted,
-                "images_per_s": round(batch / seconds, 1),
-                "seconds_per_batch": round(seconds, 3),
-            }
+            timing = (
+                {"warmup": 0, "steps": 1, "repeats": 2}
+                if ctx.tiny
+                else {"warmup": 1, "steps": 1, "repeats": 3}
+            )
+            row = {"sampler": name if not ctx.tiny else f"{name} ({steps} steps)", "precision": precision}
+            row.update(time_steps(run, ctx, **timing))
+            x = out["x"].float()
+            row["nfe"] = out["nfe"]
+            row["images_per_s"] = round(batch / (row["ms_per_step"] / 1000), 1)
+            row["seconds_per_batch"] = round(row["ms_per_step"] / 1000, 3)
+            if precision == "fp32":
+                reference[name] = x
+            elif name in reference:
+                ref = reference[name]
+                row["rms_gap_to_fp32"] = round(
+                    ((x - ref).square().mean().sqrt() / ref.square().mean().sqrt()).item(), 4
+                )
             rec["rows"].append(row)
-            rec.check(f"{name} {precision}: {nfe} network evaluations", counted == nfe, counted)
-            rec.check(f"{name} {precision}: finite samples", bool(torch.isfinite(x.float()).all()))
-            print(f"  {name:<22} {precision}: {row['images_per_s']:9.1f} img/s", flush=True)
+            rec.check(f"{label}: {nfe} network evaluations", out["nfe"] == nfe, out["nfe"])
+            rec.check(f"{label}: finite samples", bool(torch.isfinite(x).all()))
+            print(f"  {label:<36} {row['images_per_s']:9.1f} img/s", flush=True)
+            del net, model_fn
 
 
 def inception_weights() -> Path | None:

@@ -1,61 +1,75 @@
-"""Training images/s of one backbone: plain fp32 eager against trainer=gpu's switches, and the model FLOP
-utilisation (MFU) against the matmul peak of the same run.
+"""Training images/s of one optimizer step, and the model FLOP utilisation (MFU) against the matmul peak.
 
 The step is the project's own: the module is built from the composed run config as ``train()`` builds it
-(:func:`~diffusion_lab.training.build.build_module`), and one step is what Lightning runs for
-``DiffusionModule.training_step`` under ``trainer.precision``: autocast around the loss only, backward,
-gradient clipping at ``trainer.gradient_clip_val``, the optimizer step. The batch, t and eps stay on the
-device (no loader in the timing). FLOPs per image: the forward pass counted by ``FlopCounterMode`` times 3
-(backward ~ 2x forward), the usual MFU convention (Chowdhery et al. 2022, App. B).
+(:func:`~diffusion_lab.training.build.build_module`), the optimizer is the module's (``configure_optimizers``:
+its fused switch), and one step is what Lightning runs for ``DiffusionModule.training_step`` under
+``trainer.precision``: autocast around the loss only (with Lightning's ``cache_enabled=False``: a compiled
+graph guards on it), backward, gradient clipping at
+``trainer.gradient_clip_val``, the optimizer step. The batch stays on the device, t and eps are drawn there
+(no loader in the timing). FLOPs per image: the forward pass counted by ``FlopCounterMode`` times 3 (backward
+~ 2x forward), the usual MFU convention (Chowdhery et al. 2022, App. B).
+
+``eager_unet_cifar``: unet_cifar eager in {fp32, bf16} x {NCHW, NHWC}, the bf16 rows with torch's autocast
+rule for GroupNorm (fp32: a cast and, from NHWC, a copy to NCHW per norm on CUDA) and with the U-Net's
+GroupNorm in bf16; then the profiler over the bf16 rows, in runs of their own.
+``dit``: DiT-S/2 and DiT-B/2 compiled, bf16-mixed.
 """
 
 from __future__ import annotations
 
 import gc
-import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from experiments.gpu_check.common import Ctx, Record, compose_run_config, sync, timed
+from experiments.gpu_check.common import (
+    Ctx,
+    Record,
+    compose_run_config,
+    optimizer_of,
+    profile_steps,
+    time_steps,
+    toy_compile,
+)
 
-__all__ = ["SETUPS", "Setup", "dit_model_name", "run_speed"]
+__all__ = [
+    "EAGER_SETUPS",
+    "Setup",
+    "forward_flops",
+    "train_flops",
+    "timed_row",
+    "run_eager",
+    "run_dit",
+    "build_step",
+    "DIT_MODELS",
+]
 
-CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
+DIT_MODELS = ("dit_s2", "dit_b2")
+# eager rows profiled (where the bf16 step's time goes with each norm and layout)
+PROFILED = ("bf16 NHWC, fp32 norm", "bf16 NHWC, bf16 norm", "bf16 NCHW, bf16 norm")
 
 
 @dataclass(frozen=True)
 class Setup:
-    """One way of running the step: trainer.precision, channels_last, compile and AdamW's fused kernel."""
+    """One way of running the step: bf16-mixed autocast, NHWC, GroupNorm in fp32 under autocast
+    (``UNet(fp32_norm=True)``, torch's rule), torch.compile."""
 
     name: str
     bf16: bool
-    channels_last: bool
-    compile: bool
-    fused: bool
+    channels_last: bool = False
+    fp32_norm: bool = False
+    compile: bool = False
 
 
-# trainer=gpu keeps torch's default (foreach) AdamW: Lightning refuses an optimizer that handles gradient
-# unscaling itself (fused AdamW) together with gradient clipping under mixed precision. The fused kernel is
-# timed on the same (compiled) model as a second row, to show what that refusal costs.
-SETUPS = (
-    Setup("fp32 eager", bf16=False, channels_last=False, compile=False, fused=False),
-    Setup("bf16 eager", bf16=True, channels_last=True, compile=False, fused=False),
-    Setup("trainer=gpu", bf16=True, channels_last=True, compile=True, fused=False),
+EAGER_SETUPS = (
+    Setup("fp32 NCHW", bf16=False),
+    Setup("fp32 NHWC", bf16=False, channels_last=True),
+    Setup("bf16 NCHW, fp32 norm", bf16=True, fp32_norm=True),
+    Setup("bf16 NHWC, fp32 norm", bf16=True, channels_last=True, fp32_norm=True),
+    Setup("bf16 NCHW, bf16 norm", bf16=True),
+    Setup("bf16 NHWC, bf16 norm", bf16=True, channels_last=True),
 )
-
-
-def dit_model_name() -> str | None:
-    """A DiT config of conf/model when ``diffusion_lab.models.dit`` exists (the smallest by name: dit_s*)."""
-    import importlib.util
-
-    if importlib.util.find_spec("diffusion_lab.models.dit") is None:
-        return None
-    names = sorted(p.stem for p in CONF_MODEL.glob("dit*.yaml"))
-    small = [n for n in names if "_s" in n or n.endswith("s")]
-    return (small or names or [None])[0]
 
 
 def forward_flops(model: torch.nn.Module, shape: tuple[int, int, int], device: str) -> float:
@@ -67,28 +81,26 @@ def forward_flops(model: torch.nn.Module, shape: tuple[int, int, int], device: s
     return counter.get_total_flops() / 2
 
 
-def _build(cfg, ctx: Ctx, setup: Setup, channels_last_helps: bool):
+def build_step(ctx: Ctx, cfg, setup: Setup, compile_mode: str | bool | None = None):
+    """(module, step, optimizer): the run config's module on the device with ``setup``'s switches, and one
+    optimizer step on a fixed device-resident batch (t and eps drawn on the device)."""
+    from diffusion_lab.models.unet import GroupNorm
     from diffusion_lab.training.build import build_module, speed_up
 
     torch.manual_seed(0)
-    shape = (3, ctx.image_size, ctx.image_size)
-    module, n_params = build_module(cfg, shape, 10, training=False)
+    module, _ = build_module(cfg, (3, ctx.image_size, ctx.image_size), 10, training=False)
+    for m in module.model.modules():
+        if isinstance(m, GroupNorm):
+            m.autocast_fp32 = setup.fp32_norm
     module = module.to(ctx.device)
-    model = speed_up(module.model, setup.channels_last and channels_last_helps, setup.compile and ctx.compile)
-    return module, model, _optimizer(module, model, setup.fused), n_params
-
-
-def _optimizer(module, model, fused: bool):
-    """The run config's optimizer (``conf/optimizer``), with AdamW's fused kernel when ``fused``."""
-    return module.optimizer_factory(model.parameters(), **({"fused": True} if fused else {}))
-
-
-def _step_fn(ctx: Ctx, module, model, opt, setup: Setup, channels_last: bool, clip: float):
-    """One optimizer step on a fixed device-resident batch; t and eps drawn on the device."""
-    diffusion = module.diffusion
+    with toy_compile(ctx):
+        speed_up(module.model, setup.channels_last, (compile_mode or True) if setup.compile else False)
+    opt = optimizer_of(module)
+    model, diffusion = module.model, module.diffusion
+    clip = float(cfg.trainer.gradient_clip_val or 0.0) or float("inf")
     b, s = ctx.batch, ctx.image_size
     x0 = torch.rand(b, 3, s, s, device=ctx.device) * 2 - 1
-    if channels_last:
+    if setup.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
     device_type = "cuda" if ctx.cuda else "cpu"
     params = [p for p in model.parameters() if p.requires_grad]
@@ -96,7 +108,7 @@ def _step_fn(ctx: Ctx, module, model, opt, setup: Setup, channels_last: bool, cl
     def step() -> torch.Tensor:
         t = diffusion.sample_timesteps(b, device=x0.device)
         eps = torch.randn_like(x0)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=setup.bf16):
+        with torch.autocast(device_type, torch.bfloat16, enabled=setup.bf16, cache_enabled=False):
             loss = diffusion.training_losses(model, x0, t=t, eps=eps)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -104,82 +116,94 @@ def _step_fn(ctx: Ctx, module, model, opt, setup: Setup, channels_last: bool, cl
         opt.step()
         return loss
 
-    return step
+    return module, step, opt
 
 
-def run_speed(ctx: Ctx, rec: Record, model_name: str | None) -> None:
-    if model_name is None:
-        rec["status"] = "skipped"
-        rec["reason"] = "no DiT in this tree (diffusion_lab.models.dit and conf/model/dit*.yaml)"
-        return
-    run_dir = ctx.work / f"speed_{model_name}"
-    cfg = compose_run_config(
-        ctx, ctx.base_overrides() + [f"model={model_name}"] + ctx.model_overrides(model_name), run_dir
+def timed_row(ctx: Ctx, cfg, setup: Setup, flops: float, compile_mode=None) -> dict:
+    """One row: build, time (common.time_steps), images/s, TFLOP/s, the optimizer's fused switch."""
+    gc.collect()
+    if ctx.cuda:
+        torch.cuda.empty_cache()
+    module, step, opt = build_step(ctx, cfg, setup, compile_mode)
+    losses = []
+    row = {
+        "setup": setup.name,
+        "bf16": setup.bf16,
+        "channels_last": setup.channels_last,
+        "fp32_norm": setup.fp32_norm,
+        "compile": (compile_mode or "default") if setup.compile else False,
+        "fused_adamw": bool(opt.defaults.get("fused")),
+    }
+    row.update(time_steps(lambda: losses.append(step()), ctx, **ctx.timing()))
+    ips = ctx.batch / (row["ms_per_step"] / 1000)
+    row["images_per_s"] = round(ips, 1)
+    row["achieved_tflops"] = round(ips * flops / 1e12, 4)
+    row["loss_finite"] = bool(torch.isfinite(torch.stack(losses[-3:])).all().item())
+    row["_step"] = step  # for a profiler run; dropped before the record is saved
+    return row
+
+
+def _compose(ctx: Ctx, model: str, name: str):
+    return compose_run_config(
+        ctx, ctx.base_overrides() + [f"model={model}"] + ctx.model_overrides(model), ctx.work / name
     )
-    clip = float(cfg.trainer.gradient_clip_val or 0.0) or float("inf")
-    channels_last_helps = model_name.startswith("unet")  # NHWC only changes convolutions
+
+
+def train_flops(ctx: Ctx, cfg) -> tuple[float, int]:
+    from diffusion_lab.training.build import build_module
+
+    module, n_params = build_module(cfg, (3, ctx.image_size, ctx.image_size), 10)
+    flops = 3 * forward_flops(module.model.to(ctx.device), (3, ctx.image_size, ctx.image_size), ctx.device)
+    return flops, n_params
+
+
+def run_eager(ctx: Ctx, rec: Record) -> None:
+    """unet_cifar eager: the six setups; the profiler over three bf16 rows, each after its timing."""
+    cfg = _compose(ctx, "unet_cifar", "eager_unet_cifar")
     if ctx.cuda:
         torch.backends.cudnn.benchmark = True  # trainer=gpu: benchmark: true
-    warmup, steps = (1, 2) if ctx.tiny else (3, 20)
-    rec.update(model=model_name, batch=ctx.batch, image_size=ctx.image_size, timed_steps=steps, rows=[])
-    rec["channels_last_used"] = channels_last_helps
-
-    eager, _, _, n_params = _build(cfg, ctx, SETUPS[0], channels_last_helps)
-    rec["parameters"] = n_params
-    flops = 3 * forward_flops(eager.model, (3, ctx.image_size, ctx.image_size), ctx.device)
+    flops, n_params = train_flops(ctx, cfg)
+    rec.update(model="unet_cifar", batch=ctx.batch, image_size=ctx.image_size, parameters=n_params, rows=[])
     rec["gflop_per_image_train"] = round(flops / 1e9, 3)
-    del eager
+    rec["timing"] = ctx.timing()
     rec.save()
+    rec["profiles"] = {}
+    for setup in EAGER_SETUPS:
+        row = timed_row(ctx, cfg, setup, flops)
+        step = row.pop("_step")
+        rec["rows"].append(row)
+        rec.check(f"finite loss ({setup.name})", row["loss_finite"])
+        print(f"  unet_cifar {setup.name:<24} {row['images_per_s']:9.1f} img/s", flush=True)
+        if setup.name in PROFILED:  # the profiler in a run of its own, after the timing, on the warm step
+            if ctx.left() < 30:
+                rec["profiles"][setup.name] = {"skipped": f"time budget ({ctx.left():.0f} s left)"}
+            else:
+                rec["profiles"][setup.name] = profile_steps(step, ctx, steps=1 if ctx.tiny else 3)
+        del step  # the next row's memory counts its own model only
+        rec.save()
+    ref = rec["rows"][0]["images_per_s"]
+    for row in rec["rows"]:
+        row["vs_fp32_nchw"] = round(row["images_per_s"] / ref, 3)
 
-    for setup in SETUPS:
-        if setup.compile and not ctx.compile:
+
+def run_dit(ctx: Ctx, rec: Record) -> None:
+    """DiT-S/2 and DiT-B/2, compiled (inductor's default mode), bf16-mixed; DiT-B/2 only when the time left
+    covers its compile (about 60 s on an H100 / H200)."""
+    rec.update(batch=ctx.batch, image_size=ctx.image_size, rows=[])
+    for model in DIT_MODELS:
+        need = 20 if ctx.tiny else 70
+        if ctx.left() < need:
             rec["rows"].append(
-                {"setup": setup.name, "skipped": "compile off on CPU --tiny (minutes of C++ build)"}
+                {"model": model, "skipped": f"time budget ({ctx.left():.0f} s left, ~{need} s needed)"}
             )
             rec.save()
             continue
-        gc.collect()
-        if ctx.cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        module, model, opt, _ = _build(cfg, ctx, setup, channels_last_helps)
-        cl = setup.channels_last and channels_last_helps
-        variants = [setup] + (
-            [replace(setup, name=setup.name + " + fused AdamW", fused=True)] if setup.bf16 else []
-        )
-        for v in variants:
-            if v.fused:
-                opt = _optimizer(module, model, True)
-            step = _step_fn(ctx, module, model, opt, v, cl, clip)
-            start = time.perf_counter()
-            loss = step()
-            sync(ctx.device)
-            first = time.perf_counter() - start
-            for _ in range(warmup):
-                loss = step()
-            seconds = timed(step, ctx.device, steps)
-            ips = ctx.batch / seconds
-            row = {
-                "setup": v.name,
-                "bf16": v.bf16,
-                "channels_last": cl,
-                "compile": v.compile,
-                "fused_adamw": v.fused,
-                "images_per_s": round(ips, 1),
-                "ms_per_step": round(1000 * seconds, 2),
-                "achieved_tflops": round(ips * flops / 1e12, 4),
-                "first_step_s": round(first, 1),
-                "loss_finite": bool(torch.isfinite(loss).item()),
-            }
-            if ctx.cuda:
-                row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-            rec["rows"].append(row)
-            rec.check(f"finite loss ({v.name})", row["loss_finite"])
-            print(f"  {model_name} {v.name:<28} {ips:9.1f} img/s  first step {first:.1f} s", flush=True)
-        del module, model, opt, step
-        if setup.compile:
-            torch._dynamo.reset()
-    ref = rec["rows"][0]["images_per_s"]
-    for row in rec["rows"]:
-        if "images_per_s" in row:
-            row["vs_fp32_eager"] = round(row["images_per_s"] / ref, 2)
+        cfg = _compose(ctx, model, model)
+        flops, n_params = train_flops(ctx, cfg)
+        row = timed_row(ctx, cfg, Setup(f"{model} compiled bf16", bf16=True, compile=True), flops)
+        row.pop("_step")
+        row.update(model=model, parameters=n_params, gflop_per_image_train=round(flops / 1e9, 3))
+        rec["rows"].append(row)
+        rec.check(f"finite loss ({model})", row["loss_finite"])
+        print(f"  {model} compiled bf16 {row['images_per_s']:9.1f} img/s", flush=True)
+        torch._dynamo.reset()
