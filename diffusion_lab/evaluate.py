@@ -29,9 +29,9 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffusion_lab.config_schema import MetricsConfig, SamplerConfig, instantiate_checked
 from diffusion_lab.metrics import DISPLAY_NAMES, MetricSuite
 from diffusion_lab.metrics.bpd_ode import ode_bpd_over_images
 from diffusion_lab.sample import (
@@ -147,7 +147,7 @@ def evaluate(cfg: DictConfig) -> dict:
     with open_dict(run_cfg):
         if cfg.data_root:
             run_cfg.dataset.root = cfg.data_root
-    dm = instantiate(run_cfg.dataset)
+    dm = instantiate_checked(run_cfg.dataset, "dataset")
     dm.prepare_data()
     results: dict = {
         "checkpoint": str(Path(ckpt_path).resolve()),
@@ -156,10 +156,10 @@ def evaluate(cfg: DictConfig) -> dict:
         "ema": bool(cfg.ema),
     }
     if names:
-        sampler = instantiate(cfg.sampler)
+        sampler = instantiate_checked(cfg.sampler, "sampler")
         sname = sampler_name(cfg.sampler)
         start = time.perf_counter()
-        weight = float(cfg.get("guide_weight", 1.0)) if guide is not None else 1.0
+        weight = float(cfg.guide_weight) if guide is not None else 1.0
         fake, _, nfe = generate(
             module, sampler, cfg.n, cfg.seed, cfg.batch_size, device, guide=guide, guide_weight=weight
         )
@@ -168,8 +168,8 @@ def evaluate(cfg: DictConfig) -> dict:
             sampler_source=choice.source,
             sampler_config=OmegaConf.to_container(choice.config, resolve=True),
             sampler_steps=cfg.sampler.get("steps"),
-            guidance_scale=float(cfg.sampler.get("guidance_scale", 1.0)),
-            guidance=cfg.get("guidance") if guide is not None else None,
+            guidance_scale=float(cfg.sampler.get("guidance_scale", SamplerConfig.guidance_scale)),
+            guidance=cfg.guidance if guide is not None else None,
             guide_ckpt=str(cfg.guide_ckpt) if guide is not None else None,
             guide_weight=weight,
             nfe=nfe,
@@ -177,12 +177,12 @@ def evaluate(cfg: DictConfig) -> dict:
             sampling_seconds=round(time.perf_counter() - start, 2),
         )
         metric_cfg = run_cfg.get("metrics") or {}
-        classifier = cfg.classifier_path or metric_cfg.get("classifier_path")
+        classifier = cfg.classifier_path or metric_cfg.get("classifier_path", MetricsConfig.classifier_path)
         suite = MetricSuite(
             names,
             classifier=classifier,
             inception_weights=cfg.inception_weights,
-            cache_dir=metric_cfg.get("cache_dir"),
+            cache_dir=metric_cfg.get("cache_dir", MetricsConfig.cache_dir),
             device=device,
         )
         key = (
@@ -209,7 +209,7 @@ def evaluate(cfg: DictConfig) -> dict:
         images, labels = dm.real_images(cfg.real_split, cfg.bpd_n)
         module.to(device)
         labels = labels if module.hparams.class_conditional else None
-        options = OmegaConf.to_container(cfg.bpd_ode, resolve=True) if cfg.get("bpd_ode") else {}
+        options = OmegaConf.to_container(cfg.bpd_ode, resolve=True) if cfg.bpd_ode else {}
         results.update(
             ode_bpd_over_images(
                 module.diffusion, module.model, images, labels, cfg.bpd_batch_size, device, cfg.seed, options

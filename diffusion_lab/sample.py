@@ -29,10 +29,10 @@ from pathlib import Path
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from diffusion_lab.api import check_sampler_config, draw, load, resolve_device
+from diffusion_lab.config_schema import instantiate_checked
 from diffusion_lab.samplers.guidance import AutoGuidance, check_guide
 from diffusion_lab.utils.checkpoint_sampler import SamplerChoice, choose_sampler, sampler_args, sampler_name
 from diffusion_lab.utils.cli import exit_on_bad_input
@@ -140,7 +140,7 @@ def check_sampler(cfg: DictConfig, module) -> None:
             f"guidance_scale is a sampler option: write sampler.guidance_scale={cfg.guidance_scale}"
         )
     check_sampler_config(cfg.sampler, module.diffusion)
-    label = cfg.get("label")
+    label = cfg.get("label")  # sample.yaml has it; evaluate.yaml (no labels) does not
     if label is not None:
         k = int(module.hparams.num_classes)
         if not module.hparams.class_conditional:
@@ -152,9 +152,9 @@ def check_sampler(cfg: DictConfig, module) -> None:
 def load_guide(cfg: DictConfig, module, run_cfg: DictConfig):
     """The guiding module of ``guidance=auto guide_ckpt=PATH`` (None without guidance), checked against the
     model (same data, image shape, classes, diffusion and parameterization); one-line ValueErrors."""
-    mode = cfg.get("guidance")
+    mode = cfg.guidance
     if mode in (None, "none", False):
-        if cfg.get("guide_ckpt"):
+        if cfg.guide_ckpt:
             raise ValueError(f"guide_ckpt={cfg.guide_ckpt} is set but guidance is not: add guidance=auto")
         return None
     if mode != "auto":
@@ -162,14 +162,14 @@ def load_guide(cfg: DictConfig, module, run_cfg: DictConfig):
             f"guidance={mode!r} is not valid: use guidance=auto (autoguidance) or null; classifier-free "
             "guidance is sampler.guidance_scale"
         )
-    if not cfg.get("guide_ckpt"):
+    if not cfg.guide_ckpt:
         raise ValueError(
             "guidance=auto needs the guiding model: add guide_ckpt=PATH (a smaller or less-trained run)"
         )
-    weight = cfg.get("guide_weight")
+    weight = cfg.guide_weight
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
         raise ValueError(f"guide_weight={weight!r} is not valid: give a number, e.g. 2.0 (1 = no guidance)")
-    guide_pipe = load(cfg.guide_ckpt, device="cpu", ema=cfg.get("guide_ema", True))
+    guide_pipe = load(cfg.guide_ckpt, device="cpu", ema=cfg.guide_ema)
     guide, guide_cfg = guide_pipe.module, guide_pipe.config
     check_guide(
         OmegaConf.to_container(run_cfg, resolve=True),
@@ -190,7 +190,7 @@ def use_checkpoint_sampler(cfg: DictConfig, run_cfg: DictConfig, ckpt_path: str)
     choice = choose_sampler(
         cfg.get("sampler"),
         run_cfg.get("sampler"),
-        str(cfg.get("sampler_fallback") or "ddpm"),
+        str(cfg.sampler_fallback),
         source=f"checkpoint {ckpt_path}",
     )
     with open_dict(cfg):
@@ -220,7 +220,7 @@ def _sample(cfg: DictConfig) -> None:
     use_checkpoint_sampler(cfg, run_cfg, ckpt_path)
     check_sampler(cfg, module)
     guide = load_guide(cfg, module, run_cfg)
-    sampler = instantiate(cfg.sampler)
+    sampler = instantiate_checked(cfg.sampler, "sampler")
     name = sampler_name(cfg.sampler)
     steps = cfg.sampler.get("steps") or module.diffusion.num_timesteps
     out = Path(cfg.out) if cfg.out else default_out(ckpt_path, f"{name}-{steps}-seed{cfg.seed}")
@@ -236,7 +236,7 @@ def _sample(cfg: DictConfig) -> None:
         cfg.label,
         frames,
         guide=guide,
-        guide_weight=cfg.get("guide_weight", 1.0),
+        guide_weight=cfg.guide_weight,
     )
     out.mkdir(parents=True, exist_ok=True)
     seconds = time.perf_counter() - start

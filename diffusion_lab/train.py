@@ -27,6 +27,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from diffusion_lab.config_schema import instantiate_checked
 from diffusion_lab.training.build import build_module
 from diffusion_lab.training.callbacks import EMA, FinalLastCheckpoint, SampleQuality
 from diffusion_lab.training.checkpoint import check_compatible, find_last_checkpoint, read_checkpoint
@@ -97,7 +98,7 @@ def _callbacks(cfg: DictConfig) -> list[pl.Callback]:
     if any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
         callbacks.append(FinalLastCheckpoint())
     # first: a non-finite loss or gradient stops (or skips) the step before anything else sees it
-    guard = NonFiniteGuard(cfg.get("nan_policy", "stop"), cfg.get("nan_skip_limit", 100))
+    guard = NonFiniteGuard(cfg.nan_policy, cfg.nan_skip_limit)
     return [guard] + callbacks + ema  # the EMA last: it swaps weights around validation
 
 
@@ -110,7 +111,7 @@ def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     if needs_classifier and not Path(m.classifier_path).is_file():
         log.warning(
             "metrics: no digit classifier at %s, so no FID during training; train one with "
-            "`python -m diffusion_lab.evaluate train_classifier dataset=%s` (or set metrics.names)",
+            "`python -m diffusion_lab.metrics.train_classifier dataset=%s` (or set metrics.names)",
             m.classifier_path,
             cfg.dataset.name,
         )
@@ -119,9 +120,9 @@ def _quality_callbacks(cfg: DictConfig) -> list[pl.Callback]:
         m,
         every_n_steps=m.every_n_steps,
         n=m.n,
-        sampler=instantiate(m.sampler) if m.get("sampler") else None,  # None: the run's sampler
+        sampler=instantiate_checked(m.sampler, "sampler") if m.sampler else None,  # None: the run's sampler
         real_split=m.real_split,
-        n_real=m.get("n_real"),
+        n_real=m.n_real,
     )
     callbacks: list[pl.Callback] = [quality]
     first = (
@@ -173,7 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    if cfg.get("print_config", True):
+    if cfg.print_config:
         print_config_tree(cfg, save_to=Path(cfg.paths.output_dir) / "config_tree.log")
     threads = int(cfg.threads) if cfg.get("threads") else default_threads()
     torch.set_num_threads(threads)
@@ -184,8 +185,7 @@ def _train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
     # the trainer first: its values feed others by interpolation (lr_scheduler.total_steps: trainer.max_steps)
     check_arguments(cfg.trainer, "trainer")
-    check_arguments(cfg.dataset, "dataset")
-    datamodule: pl.LightningDataModule = instantiate(cfg.dataset)
+    datamodule: pl.LightningDataModule = instantiate_checked(cfg.dataset, "dataset")  # config_schema.py
     image_shape = (datamodule.channels, datamodule.image_size, datamodule.image_size)
 
     ckpt_path = cfg.get("ckpt_path")

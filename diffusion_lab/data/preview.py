@@ -22,10 +22,10 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
+from diffusion_lab.config_schema import instantiate_checked
 from diffusion_lab.utils.cli import exit_on_bad_input
 
 __all__ = ["preview_grid", "run", "main"]
@@ -55,7 +55,7 @@ def preview_grid(
 
 def run(cfg: DictConfig) -> Path:
     """The command on a composed ``conf/preview.yaml``: save the grid, print its labels; return its path."""
-    dm = instantiate(cfg.dataset)
+    dm = instantiate_checked(cfg.dataset, "dataset")
     dm.prepare_data()
     images, labels = dm.real_images(cfg.split)
     grid, label_rows = preview_grid(images, labels, dm.num_classes, int(cfg.per_class), int(cfg.n))

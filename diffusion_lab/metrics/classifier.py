@@ -166,7 +166,7 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"classifier file {path} not found; train one with `python -m diffusion_lab.evaluate "
+            f"classifier file {path} not found; train one with `python -m diffusion_lab.metrics."
             "train_classifier dataset=<name>` or set metrics.classifier_path"
         )
     payload = torch.load(path, map_location=map_location, weights_only=True)

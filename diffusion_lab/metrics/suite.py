@@ -132,18 +132,22 @@ class MetricSuite:
 
     @classmethod
     def from_config(cls, cfg: Mapping, device: str | torch.device = "cpu") -> MetricSuite:
-        """Build from ``conf/metrics/<name>.yaml`` (keys: names, classifier_path, inception_weights, ...)."""
+        """Build from the ``metrics.`` config (conf/metric_suite/default.yaml); keys it lacks take the
+        defaults of ``config_schema.MetricsConfig``, unknown keys and wrong types are refused in one line."""
+        from diffusion_lab.config_schema import validate
+
+        cfg = validate(cfg, "metrics")
         return cls(
-            list(cfg["names"]),
-            classifier=cfg.get("classifier_path"),
-            inception_weights=cfg.get("inception_weights"),
-            inception_antialias=cfg.get("inception_antialias", True),
-            cache_dir=cfg.get("cache_dir"),
-            batch_size=int(cfg.get("batch_size", 100)),
-            kid_subsets=int(cfg.get("kid_subsets", 50)),
-            kid_subset_size=int(cfg.get("kid_subset_size", 1000)),
-            is_splits=int(cfg.get("is_splits", 10)),
-            seed=int(cfg.get("seed", 0)),
+            list(cfg.names),
+            classifier=cfg.classifier_path,
+            inception_weights=cfg.inception_weights,
+            inception_antialias=cfg.inception_antialias,
+            cache_dir=cfg.cache_dir,
+            batch_size=cfg.batch_size,
+            kid_subsets=cfg.kid_subsets,
+            kid_subset_size=cfg.kid_subset_size,
+            is_splits=cfg.is_splits,
+            seed=cfg.seed,
             device=device,
         )
 
@@ -157,7 +161,7 @@ class MetricSuite:
                 if src is None:
                     raise ValueError(
                         f"metrics {[n for n in self.names if _family(n) == 'classifier']} "
-                        "need a digit classifier: train one with `python -m diffusion_lab.evaluate "
+                        "need a digit classifier: train one with `python -m diffusion_lab.metrics."
                         "train_classifier dataset=<name>` and set metrics.classifier_path"
                     )
                 model = src if isinstance(src, DigitClassifier) else load_classifier(Path(src))

@@ -225,9 +225,9 @@ def run(cfg) -> tuple[DigitClassifier, float]:
     Splits: ``metrics.classifier_train_split`` / ``metrics.classifier_test_split`` of the DataModule's
     ``real_images``. Output: ``metrics.classifier_path``.
     """
-    from hydra.utils import instantiate
+    from diffusion_lab.config_schema import instantiate_checked
 
-    dm = instantiate(cfg.dataset)
+    dm = instantiate_checked(cfg.dataset, "dataset")
     dm.prepare_data()
     mcfg = cfg.metrics
     train_split, test_split = mcfg.classifier_train_split, mcfg.classifier_test_split

@@ -6,19 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_lab.config_schema import instantiate_checked, run_default
 from diffusion_lab.utils.device import compile_options
-from diffusion_lab.utils.safe_config import check_arguments
 
 __all__ = ["build_module", "speed_up"]
 
 
 def _make(cfg: DictConfig, key: str, **kwargs: Any) -> Any:
-    """``instantiate(cfg[key])`` after checking its values against the target's annotations."""
-    check_arguments(cfg[key], key)
-    return instantiate(cfg[key], **kwargs)
+    """``instantiate(cfg[key])`` after checking it: against its dataclass (config_schema.py: objective and
+    sampler; keys an older stored config lacks get their defaults), else against the target's annotations."""
+    return instantiate_checked(cfg[key], key, **kwargs)
 
 
 def speed_up(
@@ -58,10 +57,10 @@ def build_module(
         in_channels=C,
         out_channels=diffusion.model_out_channels(C),
         image_size=H,
-        num_classes=num_classes if cfg.get("class_conditional", False) else None,
+        num_classes=num_classes if run_default(cfg, "class_conditional") else None,
     )
     if training:
-        model = speed_up(model, bool(cfg.get("channels_last", False)), cfg.get("compile", False))
+        model = speed_up(model, bool(run_default(cfg, "channels_last")), run_default(cfg, "compile"))
     module = DiffusionModule(
         model=model,
         diffusion=diffusion,
@@ -70,11 +69,11 @@ def build_module(
         sampler=_make(cfg, "sampler") if cfg.get("sampler") else None,
         image_shape=image_shape,
         num_classes=num_classes,
-        class_conditional=bool(cfg.get("class_conditional", False)),
-        cond_drop_prob=float(cfg.get("cond_drop_prob", 0.1)),
-        seed=int(cfg.get("seed", 0)),
-        val_bpd_ode_images=int(cfg.get("val_bpd_ode_images", 8)),
-        val_bpd_ode_steps=int(cfg.get("val_bpd_ode_steps", 8)),
+        class_conditional=bool(run_default(cfg, "class_conditional")),
+        cond_drop_prob=float(run_default(cfg, "cond_drop_prob")),
+        seed=int(run_default(cfg, "seed")),
+        val_bpd_ode_images=int(run_default(cfg, "val_bpd_ode_images")),
+        val_bpd_ode_steps=int(run_default(cfg, "val_bpd_ode_steps")),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     return module, count_parameters(model)

@@ -21,7 +21,9 @@ Modules that write, delete or fetch files (:data:`NEVER_FROM_CONF`) are refused 
 
 ``check_arguments``: a config value of the wrong type (``trainer.max_steps=abc``) fails deep inside the
 instantiated class with a message that names neither the key nor the fix; it is checked first against the
-target's annotations and refused with one line naming the key.
+target's annotations and refused with one line naming the key. The groups with a dataclass
+(objective, sampler, dataset, metrics: :mod:`diffusion_lab.config_schema`) are checked against it instead;
+this check covers the others (model, optimizer, lr_scheduler, trainer) and admitted third-party targets.
 """
 
 from __future__ import annotations

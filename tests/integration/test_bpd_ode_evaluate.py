@@ -1,4 +1,4 @@
-"""``python -m diffusion_lab.evaluate metric_names=[bpd_ode]`` end to end, in this process.
+"""``python -m diffusion_lab.evaluate metrics=[bpd_ode]`` end to end, in this process.
 
 The checkpoint is the tiny digits model; its objective is swapped for an exact field with a known density
 (x_0 ~ N(0, lam I) on the linear path x_t = (1 - t) x_0 + t eps), so the number has a closed form:
@@ -58,14 +58,14 @@ def test_evaluate_bpd_ode_reports_mean_stderr_and_nfe(tiny_checkpoint, monkeypat
 
     monkeypatch.setattr(evaluate_cmd, "load_module", load_with_exact_field)
     GlobalHydra.instance().clear()
-    overrides = [f"ckpt={tiny_checkpoint}", "metric_names=[bpd_ode]", "bpd_n=8", "bpd_batch_size=4"]
+    overrides = [f"ckpt={tiny_checkpoint}", "metrics=[bpd_ode]", "bpd_n=8", "bpd_batch_size=4"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("evaluate", overrides + ["bpd_ode.steps=16", "device=cpu"])
     results = evaluate_cmd.evaluate(cfg)
     assert results["bpd_ode_images"] == 8 and results["bpd_ode_nfe"] == 32  # Heun: 2 per step
     assert results["bpd_ode_stderr"] > 0 and "fid_classifier" not in results
 
-    images = evaluate_cmd.instantiate(cfg_run(tiny_checkpoint).dataset)
+    images = evaluate_cmd.instantiate_checked(cfg_run(tiny_checkpoint).dataset, "dataset")
     images.prepare_data()
     x = images.real_images("test", 8)[0].double().flatten(1) / 127.5 - 1  # (8, 64) bin centres
     nats = 0.5 * math.log(2 * math.pi * LAM) + (x**2 + (1 / 255) ** 2 / 3) / (2 * LAM)
