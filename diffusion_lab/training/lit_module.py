@@ -111,7 +111,7 @@ class DiffusionModule(pl.LightningModule):
         eps = torch.randn(x0.shape, generator=g, device=x0.device, dtype=x0.dtype)
         terms = self.diffusion.training_losses(self.model, x0, t=t, eps=eps, y=self._labels(y, True, g))
         loss = terms["loss"].mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # no prog_bar: StepProgressBar reads it at logging steps only
         for key in ("mse", "vlb"):
             if key in terms:
                 self.log(f"train/{key}", terms[key].mean())

@@ -29,6 +29,7 @@ from diffusion_lab.utils import progress
 __all__ = ["StepProgressBar"]
 
 TRAIN_DESCRIPTION = "Training step"
+LOSS_KEY = "train/loss"  # shown beside the bar
 
 
 class StepProgressBar(RichProgressBar):
@@ -91,6 +92,16 @@ class StepProgressBar(RichProgressBar):
         if self._log_step.take():  # reading the logged values waits for the device
             self._update_metrics(trainer, pl_module)
         self.refresh()
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Lightning's bar metrics plus the training loss. The module logs ``train/loss`` without
+        ``prog_bar``: Lightning turns every ``prog_bar`` value into a Python number after every batch (a
+        device read per step); here it is read only when the bar shows metrics, at logging steps."""
+        items = super().get_metrics(trainer, pl_module)
+        loss = trainer.callback_metrics.get(LOSS_KEY)
+        if loss is not None:
+            items[LOSS_KEY] = float(loss)
+        return items
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)

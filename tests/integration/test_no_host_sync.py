@@ -2,12 +2,12 @@
 
 A real ``train()`` call (unet_tiny, default callbacks: checkpoints, EMA, throughput, LR monitor, the progress
 bar drawn) runs with ``trainer.log_every_n_steps=5``; over every step that is not a logging step, from the
-batch's transfer to the end of its last hook, a dispatch mode counts what makes the host wait for the device
-on a GPU: reads of a device value (``aten._local_scalar_dense``: ``.item()``, ``bool(t)``, ``.tolist()``,
-``float(t)``), ops whose output size depends on the data (``nonzero``, boolean indexing, ``unique``, ...),
-tensors built from host data (``torch.tensor(...)``: a host-to-device copy) and copies between devices.
-On the CPU it proves the code path (the same Python runs on a GPU); on a GPU the same run also runs under
-``torch.cuda.set_sync_debug_mode("error")``.
+batch's transfer to the end of Lightning's per-batch metric updates, a dispatch mode counts what makes the
+host wait for the device on a GPU: reads of a device value (``aten._local_scalar_dense``: ``.item()``,
+``bool(t)``, ``.tolist()``, ``float(t)``), ops whose output size depends on the data (``nonzero``, boolean
+indexing, ``unique``, ...), tensors built from host data (``torch.tensor(...)``: a host-to-device copy) and
+copies between devices. On the CPU it proves the code path (the same Python runs on a GPU); on a GPU the
+same run also runs under ``torch.cuda.set_sync_debug_mode("error")``.
 
 The non-finite guard keeps its guarantees without reading back inside the step: a skipped step leaves the
 weights and the optimizer state bit-identical, and under ``stop`` the one-line error still comes, at the next
@@ -93,8 +93,9 @@ class HostSyncCounter(TorchDispatchMode):
 
 
 class _Window:
-    """The steps that are not logging steps, from the batch's transfer to the end of the step's last hook
-    (the module's ``on_train_batch_end``, after every callback's), each under a :class:`HostSyncCounter`
+    """The steps that are not logging steps, from the batch's transfer to the end of Lightning's work on the
+    batch (its logger connector's per-batch metric updates, after every hook), each under a
+    :class:`HostSyncCounter`
     (and, on a GPU, under ``torch.cuda.set_sync_debug_mode("error")``)."""
 
     def __init__(self, first_step: int = 1) -> None:
@@ -125,20 +126,22 @@ class _Window:
 @pytest.fixture
 def window(monkeypatch):
     """A :class:`_Window` over every training step of the ``train()`` calls in the test."""
+    from lightning.pytorch.trainer.connectors.logger_connector.logger_connector import _LoggerConnector
+
     win = _Window()
     transfer = DiffusionModule.transfer_batch_to_device
-    batch_end = DiffusionModule.on_train_batch_end
+    step_metrics = _LoggerConnector.update_train_step_metrics
 
     def open_window(self, batch, device, dataloader_idx):
         win.open(self.trainer)
         return transfer(self, batch, device, dataloader_idx)
 
-    def close_window(self, outputs, batch, batch_idx):
-        batch_end(self, outputs, batch, batch_idx)
+    def close_window(self):  # the last thing Lightning does for a batch (after on_batch_end's metric updates)
+        step_metrics(self)
         win.close()
 
     monkeypatch.setattr(DiffusionModule, "transfer_batch_to_device", open_window)
-    monkeypatch.setattr(DiffusionModule, "on_train_batch_end", close_window)
+    monkeypatch.setattr(_LoggerConnector, "update_train_step_metrics", close_window)
     yield win
     win.close()
 
