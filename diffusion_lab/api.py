@@ -507,7 +507,9 @@ def _sampler_preset(name: str) -> DictConfig:
     options = sorted(p.stem for p in (CONF_DIR / "sampler").glob("*.yaml"))
     if name not in options:
         raise ValueError(f"sampler={name!r} is not a sampler config: choose one of {options}")
-    return compose_config("sample", [f"sampler={name}"]).sampler
+    from diffusion_lab.utils.checkpoint_sampler import given_options
+
+    return given_options(compose_config("sample", [f"sampler={name}"]).sampler)
 
 
 # ------------------------------------------------------------------------------------------ loading

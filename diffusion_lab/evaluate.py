@@ -44,7 +44,7 @@ from diffusion_lab.sample import (
     use_checkpoint_sampler,
 )
 from diffusion_lab.training.checkpoint import load_module
-from diffusion_lab.utils.checkpoint_sampler import sampler_args, sampler_name
+from diffusion_lab.utils.checkpoint_sampler import sampler_name
 from diffusion_lab.utils.cli import HELP_FLAGS, exit_on_bad_input
 from diffusion_lab.utils.media import to_unit_range
 from diffusion_lab.utils.progress import track
@@ -282,8 +282,6 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "train_classifier":
         _train_classifier(sys.argv[2:])
         return
-    # `sampler.steps=50` without `sampler=NAME` changes the checkpoint's sampler: Hydra needs `++` for it.
-    sys.argv = sampler_args(sys.argv)
     _evaluate_main()
 
 

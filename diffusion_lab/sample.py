@@ -22,7 +22,6 @@ if __name__ == "__main__":  # run as a command: OpenMP's settings before torch l
 
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from diffusion_lab.api import check_sampler_config, draw, load, resolve_device
 from diffusion_lab.config_schema import instantiate_checked
 from diffusion_lab.samplers.guidance import AutoGuidance, check_guide
-from diffusion_lab.utils.checkpoint_sampler import SamplerChoice, choose_sampler, sampler_args, sampler_name
+from diffusion_lab.utils.checkpoint_sampler import SamplerChoice, choose_sampler, sampler_name
 from diffusion_lab.utils.cli import exit_on_bad_input
 from diffusion_lab.utils.media import save_animation, save_grid, to_uint8
 
@@ -206,8 +205,6 @@ def _sample_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    # `sampler.steps=50` without `sampler=NAME` changes the checkpoint's sampler: Hydra needs `++` for it.
-    sys.argv = sampler_args(sys.argv)
     _sample_main()
 
 

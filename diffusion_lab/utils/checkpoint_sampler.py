@@ -9,18 +9,18 @@ how its author meant it to be sampled. The commands' config leaves the ``sampler
 - a checkpoint without a stored sampler (written before runs stored one): ``conf/sampler/<fallback>.yaml``,
   and a line saying so.
 
-Hydra refuses ``sampler.steps=50`` when no ``sampler=`` put a ``sampler`` node into the config (it only adds
-keys given as ``++sampler.steps=50``): :func:`sampler_args` rewrites the command line to that form first.
+The commands' config includes ``conf/sampler_options.yaml`` (every sampler option, unset) before the
+``sampler`` group, so Hydra takes ``sampler.steps=50`` without a ``sampler=``; :func:`given_options` keeps
+the keys that were set.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["SamplerChoice", "sampler_args", "choose_sampler", "sampler_name", "describe_sampler"]
+__all__ = ["SamplerChoice", "given_options", "choose_sampler", "sampler_name", "describe_sampler"]
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 _HIDDEN = ("_target_", "_partial_")
@@ -37,13 +37,14 @@ class SamplerChoice:
         return f"SamplerChoice(source={self.source!r}, config={OmegaConf.to_container(self.config)!r})"
 
 
-def sampler_args(argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``sampler.KEY=V`` rewritten as ``++sampler.KEY=V`` when no ``sampler=NAME`` is among
-    them (the node then starts empty and gets its base from the checkpoint); unchanged otherwise."""
-    named = any(a.split("=", 1)[0].lstrip("+") == "sampler" for a in argv if "=" in a)
-    if named:
-        return list(argv)
-    return [f"++{a}" if a.startswith("sampler.") and "=" in a else a for a in argv]
+def given_options(node: DictConfig | dict | None) -> DictConfig:
+    """The keys of a command's ``sampler`` node that are set (``???``: an option of conf/sampler_options.yaml
+    that neither the command line nor a ``sampler=`` choice gave)."""
+    if node is None:
+        return OmegaConf.create({})
+    if not isinstance(node, DictConfig):
+        node = OmegaConf.create(node)
+    return OmegaConf.create({k: node[k] for k in node if not OmegaConf.is_missing(node, k)})
 
 
 def sampler_name(config: DictConfig | dict) -> str:
@@ -86,7 +87,7 @@ def choose_sampler(
     """
     from diffusion_lab.utils.safe_config import check_targets
 
-    requested = OmegaConf.create(requested if requested is not None else {})
+    requested = given_options(requested)
     if "_target_" in requested:
         config, origin, where = requested, "command line", "chosen with sampler= on the command line"
     else:

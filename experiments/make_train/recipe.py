@@ -27,6 +27,7 @@ from diffusion_lab.metrics.classifier import load_classifier
 from diffusion_lab.sample import generate
 from diffusion_lab.train import CONF_DIR
 from diffusion_lab.training.checkpoint import load_module
+from diffusion_lab.utils.checkpoint_sampler import given_options
 
 # (label, sampler group option, overrides): the training default and the stochastic alternatives.
 SAMPLERS = [
@@ -48,7 +49,7 @@ CONFIDENT = 0.5
 def sampler_from(option: str, overrides: list[str]):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("sample", overrides=["ckpt=unused", f"sampler={option}", *overrides])
-    return instantiate(cfg.sampler)
+    return instantiate(given_options(cfg.sampler))  # without the unset keys of conf/sampler_options.yaml
 
 
 @torch.no_grad()

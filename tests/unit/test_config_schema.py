@@ -148,3 +148,21 @@ def test_build_module_refuses_bad_objective_and_sampler_values_in_one_line(overr
     with pytest.raises(ValueError) as e:
         build_module(cfg, (1, 8, 8), num_classes=10)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_the_commands_take_one_sampler_key_without_a_sampler_choice():
+    """conf/sampler_options.yaml lists every sampler option (the dataclasses' fields), unset:
+    ``sampler.steps=7`` alone composes (no rewriting of the command line) and only the keys given are kept."""
+    from diffusion_lab.config_schema import SCHEMAS
+    from diffusion_lab.utils.checkpoint_sampler import given_options
+
+    listed = OmegaConf.load(Path(CONF_DIR) / "sampler_options.yaml").sampler
+    fields = {f.name for schema in SCHEMAS["sampler"].values() for f in dataclasses.fields(schema)}
+    assert set(listed) == fields
+    for command in ("sample", "evaluate"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(command, overrides=["ckpt=x.ckpt", "sampler.steps=7"])
+            chosen = compose(command, overrides=["ckpt=x.ckpt", "sampler=ddim", "sampler.steps=7"])
+        assert OmegaConf.to_container(given_options(cfg.sampler)) == {"steps": 7}
+        assert given_options(chosen.sampler).eta == 0.0 and "S_churn" not in given_options(chosen.sampler)
