@@ -80,7 +80,11 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         device = x.device.type
-        if self.autocast_fp32 or not torch.is_autocast_enabled(device):
+        if (
+            self.autocast_fp32
+            or not torch.amp.is_autocast_available(device)  # meta and other devices without autocast
+            or not torch.is_autocast_enabled(device)
+        ):
             return super().forward(x)
         weight, bias = self.weight, self.bias
         if device not in _MIXED_DTYPE_DEVICES and weight is not None:

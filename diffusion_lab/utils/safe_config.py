@@ -209,7 +209,8 @@ def _conf_targets(conf_dir: str) -> frozenset[str]:
         for keys, target in _yaml_targets(data, _package(path, group)):
             if keys and keys[0] in LAUNCH_TIME_KEYS:
                 continue
-            if isinstance(target, str) and "${" not in target and not _never(target):
+            # "???" (OmegaConf's unset value, conf/sampler_options.yaml) and interpolations name no class
+            if isinstance(target, str) and target != "???" and "${" not in target and not _never(target):
                 found.add(target)
     return frozenset(found)
 
