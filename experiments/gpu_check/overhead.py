@@ -25,7 +25,7 @@ from experiments.gpu_check.common import (
     time_steps,
     toy_compile,
 )
-from experiments.gpu_check.speed import Setup, timed_row, train_flops
+from experiments.gpu_check.speed import Setup, optimizer_step_fn, timed_row, train_flops
 
 __all__ = ["run_overhead"]
 
@@ -33,27 +33,10 @@ __all__ = ["run_overhead"]
 def _bare_step(ctx: Ctx, module, cfg):
     """One optimizer step of ``module`` (already compiled) as Lightning runs it, on a fixed batch."""
     module.to(ctx.device).train()  # Lightning's teardown moved it to the CPU; the compiled graphs stay valid
-    model, diffusion = module.model, module.diffusion
     opt = optimizer_of(module)
-    clip = float(cfg.trainer.gradient_clip_val or 0.0) or float("inf")
     b, s = ctx.batch, ctx.image_size
     x0 = torch.rand(b, 3, s, s, device=module.device) * 2 - 1  # NCHW, as the loader delivers it
-    bf16 = "bf16" in str(cfg.trainer.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    device_type = module.device.type
-
-    def step():
-        t = diffusion.sample_timesteps(b, device=x0.device)
-        eps = torch.randn_like(x0)
-        with torch.autocast(device_type, torch.bfloat16, enabled=bf16, cache_enabled=False):
-            loss = diffusion.training_losses(model, x0, t=t, eps=eps)["loss"].mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        return loss
-
-    return step, opt
+    return optimizer_step_fn(module, opt, cfg, x0, "bf16" in str(cfg.trainer.precision)), opt
 
 
 def run_overhead(ctx: Ctx, rec: Record) -> None:

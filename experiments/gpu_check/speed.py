@@ -96,19 +96,25 @@ def build_step(ctx: Ctx, cfg, setup: Setup, compile_mode: str | bool | None = No
     with toy_compile(ctx):
         speed_up(module.model, setup.channels_last, (compile_mode or True) if setup.compile else False)
     opt = optimizer_of(module)
-    model, diffusion = module.model, module.diffusion
-    clip = float(cfg.trainer.gradient_clip_val or 0.0) or float("inf")
     b, s = ctx.batch, ctx.image_size
     x0 = torch.rand(b, 3, s, s, device=ctx.device) * 2 - 1
     if setup.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
-    device_type = "cuda" if ctx.cuda else "cpu"
+    return module, optimizer_step_fn(module, opt, cfg, x0, setup.bf16), opt
+
+
+def optimizer_step_fn(module, opt, cfg, x0: torch.Tensor, bf16: bool):
+    """``step() -> loss``: one optimizer step of ``module`` on the fixed batch ``x0`` as Lightning runs it
+    (bf16 autocast without its weight cache, as Lightning's, the run's gradient clipping, ``opt.step()``)."""
+    model, diffusion = module.model, module.diffusion
+    clip = float(cfg.trainer.gradient_clip_val or 0.0) or float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
+    b, device_type = x0.shape[0], x0.device.type
 
     def step() -> torch.Tensor:
         t = diffusion.sample_timesteps(b, device=x0.device)
         eps = torch.randn_like(x0)
-        with torch.autocast(device_type, torch.bfloat16, enabled=setup.bf16, cache_enabled=False):
+        with torch.autocast(device_type, torch.bfloat16, enabled=bf16, cache_enabled=False):
             loss = diffusion.training_losses(model, x0, t=t, eps=eps)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,7 +122,7 @@ def build_step(ctx: Ctx, cfg, setup: Setup, compile_mode: str | bool | None = No
         opt.step()
         return loss
 
-    return module, step, opt
+    return step
 
 
 def timed_row(ctx: Ctx, cfg, setup: Setup, flops: float, compile_mode=None) -> dict:
