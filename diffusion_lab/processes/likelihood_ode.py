@@ -319,6 +319,7 @@ def bpd_ode(
     dequantization: str = "centered",
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
+    scale: float = 1.0,
     **ode_options,
 ) -> tuple[Tensor, int]:
     """Bits/dim of 8-bit images under the flow: an UPPER BOUND on the discrete model's NLL (in expectation).
@@ -338,13 +339,16 @@ def bpd_ode(
         num_bins, dequantization: see :func:`bpd_offset`.
         generator: draws the dequantization noise, then the probes.
         dtype: of the solve.
+        scale: the flow starts from scale * x (the state at t0 of a path with alpha(t0) = scale); the
+            Jacobian D log(scale) is added back, p_X(x) = scale^D p_t0(scale x).
     Returns:
         ((B,) bits/dim per image, NFE).
     """
-    x0 = dequantize(images, num_bins, dequantization, generator, dtype)
-    out = ode_nll(drift, x0, t0, t1, prior_logp, generator=generator, **ode_options)
-    D = x0[0].numel()
-    return out.nll / (D * math.log(2.0)) + bpd_offset(num_bins, dequantization), out.nfe
+    x = dequantize(images, num_bins, dequantization, generator, dtype)
+    out = ode_nll(drift, scale * x, t0, t1, prior_logp, generator=generator, **ode_options)
+    D = x[0].numel()
+    nll = out.nll - D * math.log(scale)
+    return nll / (D * math.log(2.0)) + bpd_offset(num_bins, dequantization), out.nfe
 
 
 # ------------------------------------------------------------------ the models' objectives (duck typing)
@@ -418,9 +422,6 @@ def model_bpd_ode(
             f"bpd_ode: the ODE interval [{t0:g}, {t1:g}] of {type(objective).__name__} reaches alpha = 0 at "
             "t0 or sigma = 0 at t1; give the objective a smaller interval (objective.sample_eps)"
         )
-    x = dequantize(images, num_bins, dequantization, generator, dtype)
-    drift = objective_drift(objective, model, y)
-    out = ode_nll(drift, a0 * x, t0, t1, gaussian_prior(s1), generator=generator, **ode_options)
-    D = x[0].numel()
-    nll = out.nll - D * math.log(a0)  # p_X(x) = a0^D p_t0(a0 x)
-    return nll / (D * math.log(2.0)) + bpd_offset(num_bins, dequantization), out.nfe
+    drift, prior = objective_drift(objective, model, y), gaussian_prior(s1)
+    options = dict(num_bins=num_bins, dequantization=dequantization, generator=generator, dtype=dtype)
+    return bpd_ode(drift, images, t0, t1, prior, scale=a0, **options, **ode_options)
