@@ -36,6 +36,15 @@ FAST_BASE = [
     "schedule.timesteps=50",
 ]
 FAST = FAST_BASE + MLP
+# 30 steps with checkpoints and EMA: the tiny runs whose checkpoints tests load (``tiny_checkpoint``)
+TINY_RUN = [
+    "callbacks=default",
+    "callbacks.sample_grid=null",
+    "callbacks.progress_bar=null",
+    "trainer.max_steps=30",
+    "trainer.val_check_interval=30",
+    "callbacks.model_checkpoint.every_n_train_steps=30",
+]
 
 
 def compose_config(tmp_path: Path, overrides: list[str]) -> DictConfig:
@@ -117,17 +126,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from diffusion_lab.train import train
 
     root = tmp_path_factory.mktemp("tiny_ckpt")
-    cfg = compose_config(
-        root,
-        FAST
-        + [
-            "callbacks=default",
-            "callbacks.sample_grid=null",
-            "callbacks.progress_bar=null",
-            "trainer.max_steps=30",
-            "trainer.val_check_interval=30",
-            "callbacks.model_checkpoint.every_n_train_steps=30",
-        ],
-    )
+    cfg = compose_config(root, FAST + TINY_RUN)
     result = train(cfg)
     return Path(result["last_checkpoint"])

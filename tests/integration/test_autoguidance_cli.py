@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import FAST, compose_config
+from conftest import FAST, TINY_RUN, compose_config
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -72,19 +72,7 @@ def flow_checkpoints(tmp_path_factory):
     out = {}
     for name, overrides in runs.items():
         root = tmp_path_factory.mktemp(f"flow_{name}")
-        cfg = compose_config(
-            root,
-            FAST
-            + overrides
-            + [
-                "callbacks=default",
-                "callbacks.sample_grid=null",
-                "callbacks.progress_bar=null",
-                "trainer.max_steps=30",
-                "trainer.val_check_interval=30",
-                "callbacks.model_checkpoint.every_n_train_steps=30",
-            ],
-        )
+        cfg = compose_config(root, FAST + overrides + TINY_RUN)
         out[name] = train(cfg)["last_checkpoint"]
     return out
 
