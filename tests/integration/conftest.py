@@ -88,6 +88,34 @@ def run_command(
     )
 
 
+def run_commands(
+    commands: Sequence[tuple[str, Sequence[str]]], cwd: Path, timeout: int = 300
+) -> list[subprocess.CompletedProcess]:
+    """Several ``python -m COMMAND ARGS`` one after another in one subprocess (``run_many.py``), each with
+    its own captured stdout / stderr and exit status: one process start instead of one per command."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec.write_text(json.dumps([[c, list(a)] for c, a in commands]))
+        runner = str(Path(__file__).with_name("run_many.py"))
+        r = run_command(runner, [str(spec), str(out)], cwd, timeout=timeout)
+        if not out.exists():
+            raise AssertionError(f"run_many.py failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+        results = json.loads(out.read_text())
+    return [
+        subprocess.CompletedProcess([c, *a], x["returncode"], x["stdout"], x["stderr"])
+        for (c, a), x in zip(commands, results, strict=True)
+    ]
+
+
+@pytest.fixture(name="run_commands")
+def run_commands_fixture():
+    """:func:`run_commands`: several short commands in one subprocess."""
+    return run_commands
+
+
 @pytest.fixture(name="run_command")
 def run_command_fixture():
     """:func:`run_command`: a training script or a ``python -m`` command in a subprocess."""

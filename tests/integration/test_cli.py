@@ -105,20 +105,29 @@ def test_help_of_the_dataset_commands(tmp_path, run_command, command, args, data
     assert not list(tmp_path.glob("*.png")), "help writes nothing"
 
 
-def test_small_commands_are_hydra_commands(tmp_path, run_command):
+def test_small_commands_are_hydra_commands(tmp_path, run_commands):
     """phema, summarize, preview and train_classifier take key=value options and print Hydra's help; a missing
-    or bad option ends in one line naming it."""
-    for command, key in (
+    or bad option ends in one line naming it (the seven commands in one process, ``run_commands``)."""
+    helps = (
         ("diffusion_lab.phema", "sigma_rel"),
         ("diffusion_lab.summarize", "metric"),
         ("diffusion_lab.data.preview", "per_class"),
         ("diffusion_lab.metrics.train_classifier", "classifier_epochs"),
-    ):
-        r = run_command(command, ["--help"], tmp_path, timeout=120)
+    )
+    runs = run_commands(
+        [(command, ["--help"]) for command, _ in helps]
+        + [
+            ("diffusion_lab.summarize", [f"dir={tmp_path / 'none'}"]),
+            ("diffusion_lab.phema", [f"run_dir={tmp_path}", "sigma_rel=abc"]),
+            ("diffusion_lab.summarize", [f"dir={tmp_path}", "--metric", "val/loss"]),
+        ],
+        tmp_path,
+    )
+    for (command, key), r in zip(helps, runs, strict=False):
         assert r.returncode == 0 and f"usage: python -m {command}" in r.stdout and key in r.stdout, r.stdout
-    r = run_command("diffusion_lab.summarize", [f"dir={tmp_path / 'none'}"], tmp_path)
+    r = runs[4]
     assert r.returncode == 1 and r.stderr.startswith("error: multirun folder not found"), r.stderr
-    r = run_command("diffusion_lab.phema", [f"run_dir={tmp_path}", "sigma_rel=abc"], tmp_path)
+    r = runs[5]
     assert r.returncode == 1 and r.stderr.startswith("error: sigma_rel='abc' is not a number"), r.stderr
-    r = run_command("diffusion_lab.summarize", [f"dir={tmp_path}", "--metric", "val/loss"], tmp_path)
+    r = runs[6]
     assert r.returncode != 0 and "Traceback" not in r.stderr
