@@ -185,10 +185,7 @@ def evaluate(cfg: DictConfig) -> dict:
             cache_dir=metric_cfg.get("cache_dir", MetricsConfig.cache_dir),
             device=device,
         )
-        key = (
-            f"{dm.name}-{cfg.real_split}-{dm.image_size}px-{dm.channels}ch-n{cfg.n_real or 'all'}-"
-            f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
-        )
+        key = dm.real_stats_key(cfg.real_split, cfg.n_real)
         start = time.perf_counter()
         scores = suite.compute(
             fake, real=lambda: dm.real_images(cfg.real_split, cfg.n_real)[0], cache_key=key

@@ -33,10 +33,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from diffusion_lab.metrics import MetricSuite
+from diffusion_lab.metrics.reference import real_reference
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import get_sampler
 from diffusion_lab.training.checkpoint import load_module
@@ -104,18 +102,8 @@ def main(argv: list[str] | None = None) -> None:
             "max_time": cfg.trainer.get("max_time"),
         }
     cfg = models["edm"][1]
-    with open_dict(cfg):
-        if args.data_root:
-            cfg.dataset.root = args.data_root
-    dm = instantiate(cfg.dataset)
-    dm.prepare_data()
-    real = dm.real_images("test")[0]
-    key = f"{dm.name}-test-{dm.image_size}px-{dm.channels}ch-nall"
-    suite = MetricSuite(
-        ["fid_classifier", "class_histogram"],
-        classifier=args.classifier or cfg.metrics.classifier_path,
-        cache_dir=cfg.metrics.cache_dir,
-    )
+    ref = real_reference(cfg, data_root=args.data_root, classifier=args.classifier)
+    dm, suite, key, real = ref.datamodule, ref.suite, ref.key, ref.images
     meta["dataset"] = f"{dm.name} {dm.image_size}x{dm.image_size} (real: test split, {len(real)} images)"
     meta["hardware"] = (
         f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "

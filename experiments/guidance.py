@@ -36,11 +36,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from diffusion_lab.metrics import MetricSuite
 from diffusion_lab.metrics.classifier import load_classifier
+from diffusion_lab.metrics.reference import real_reference
 from diffusion_lab.sample import generate, grid_layout
 from diffusion_lab.samplers import get_sampler
 from diffusion_lab.training.checkpoint import load_module
@@ -89,19 +87,12 @@ def main(argv: list[str] | None = None) -> None:
     if not module.hparams.class_conditional:
         raise SystemExit(f"{args.ckpt}: the model is unconditional; guidance needs class_conditional=true")
     k = int(module.hparams.num_classes)
-    with open_dict(cfg):
-        if args.data_root:
-            cfg.dataset.root = args.data_root
-    dm = instantiate(cfg.dataset)
-    dm.prepare_data()
-    real, real_labels = dm.real_images("test")
-    names = dm.class_names
     classifier_path = args.classifier or cfg.metrics.classifier_path
+    reference = real_reference(cfg, data_root=args.data_root, classifier=classifier_path)
+    dm, suite, key = reference.datamodule, reference.suite, reference.key
+    real, real_labels = reference.images, reference.labels
+    names = dm.class_names
     classifier = load_classifier(classifier_path)
-    suite = MetricSuite(
-        ["fid_classifier", "class_histogram"], classifier=classifier_path, cache_dir=cfg.metrics.cache_dir
-    )
-    key = f"{dm.name}-test-{dm.image_size}px-{dm.channels}ch-nall"
     out.mkdir(parents=True, exist_ok=True)
 
     real_feats, real_pred = classify(classifier, real)

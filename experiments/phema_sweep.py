@@ -28,10 +28,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from diffusion_lab.metrics import MetricSuite
+from diffusion_lab.metrics.reference import real_reference
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import get_sampler
 from diffusion_lab.training.checkpoint import load_module
@@ -85,14 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_path = Path(args.ckpt) if args.ckpt else run_dir / "checkpoints" / "last.ckpt"
     module, cfg, ckpt = load_module(ckpt_path)  # the classic EMA weights
     base_state = {k: v.clone() for k, v in module.state_dict().items()}
-    with open_dict(cfg):
-        if args.data_root:
-            cfg.dataset.root = args.data_root
-    dm = instantiate(cfg.dataset)
-    dm.prepare_data()
-    classifier = args.classifier or cfg.metrics.classifier_path
-    suite = MetricSuite(["fid_classifier"], classifier=classifier, cache_dir=cfg.metrics.get("cache_dir"))
-    key = f"{dm.name}-test-{dm.image_size}px-{dm.channels}ch-nall"
+    reference = real_reference(
+        cfg, data_root=args.data_root, names=["fid_classifier"], classifier=args.classifier
+    )
+    dm, suite, key = reference.datamodule, reference.suite, reference.key
     from diffusion_lab.processes.edm import EDMDiffusion
 
     bpd_images = None

@@ -25,10 +25,8 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import open_dict
 
-from diffusion_lab.metrics import MetricSuite
+from diffusion_lab.metrics.reference import real_reference
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import GRIDS, get_sampler
 from diffusion_lab.training.checkpoint import load_module
@@ -96,18 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     module, cfg, ckpt = load_module(args.ckpt)
-    with open_dict(cfg):
-        if args.data_root:
-            cfg.dataset.root = args.data_root
-    dm = instantiate(cfg.dataset)
-    dm.prepare_data()
-    suite = MetricSuite(
-        ["fid_classifier", "kid_classifier", "class_histogram"],
-        classifier=args.classifier or cfg.metrics.classifier_path,
-        cache_dir=cfg.metrics.cache_dir,
+    reference = real_reference(
+        cfg,
+        data_root=args.data_root,
+        names=["fid_classifier", "kid_classifier", "class_histogram"],
+        classifier=args.classifier,
     )
-    real = dm.real_images("test")[0]
-    key = f"{dm.name}-test-{dm.image_size}px-{dm.channels}ch-nall"
+    dm, suite, key, real = reference.datamodule, reference.suite, reference.key, reference.images
     suite.compute(real[:100], real=real, cache_key=key)  # real statistics once, outside the timings
 
     if args.only is not None:

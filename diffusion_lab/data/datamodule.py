@@ -17,6 +17,7 @@ every rank). Sources without a separate test file (``digits``, ``folder``, ``mni
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -347,6 +348,19 @@ class DiffusionDataModule(L.LightningDataModule):
             index = index[pick.sort().values]
         entry = self.load_part(part)
         return entry["images"][index], entry["labels"][index]
+
+    def real_stats_key(self, split: str = "test", n: int | None = None) -> str:
+        """The one cache key of the real-feature statistics of ``real_images(split, n)``: readable
+        ``<name>-<split>-<size>px-<ch>ch-n<count|all>-`` and a hash of the stored part's key (dataset, part,
+        size, channels, options, the source files' checksums) and of the rows taken from it, so that other
+        data files, another held-out slice or another subset never reuse statistics of different images."""
+        part, index = self._subset(split)
+        if n is not None and n < len(index):
+            pick = torch.randperm(len(index), generator=torch.Generator().manual_seed(self.seed + 1))[:n]
+            index = index[pick.sort().values]
+        rows = hashlib.sha1(index.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+        digest = cache_key({"part": self.cache_path(part).stem, "rows": rows})
+        return f"{self.name}-{split}-{self.image_size}px-{self.channels}ch-n{n or 'all'}-{digest}"
 
     def __repr__(self) -> str:
         root = str(self.source.root) if self.source.root is not None else None

@@ -389,10 +389,7 @@ class SampleQuality(SamplingCallback):
         histogram = None
         if trainer.is_global_zero:
             dm = trainer.datamodule
-            key = (
-                f"{dm.name}-{self.real_split}-{dm.image_size}px-{dm.channels}ch-n{self.n_real or 'all'}-"
-                f"{dm.cache_path(dm.plan()[0]).stem.rsplit('-', 1)[-1]}"
-            )
+            key = dm.real_stats_key(self.real_split, self.n_real)
             self.suite.to(pl_module.device)  # the feature extractors run where the model trains
             results = self.suite.compute(
                 fake, real=lambda: dm.real_images(self.real_split, self.n_real)[0], cache_key=key

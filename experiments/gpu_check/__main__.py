@@ -1,4 +1,5 @@
 """python -m experiments.gpu_check [--device cuda|cpu] [--tiny] [--out DIR] [--budget-s SECONDS] [--only ...]
+                               [--in-process]
 
 Runs the sections in order of priority, each in its own subprocess (``--section NAME``) under its time limit
 and the budget for the whole run (a section that would not fit in what is left is skipped, the reason
@@ -170,6 +171,29 @@ def _child(name: str, args, limit: float) -> dict:
     return rec
 
 
+def _in_process(name: str, args, limit: float) -> dict:
+    """``--in-process`` (toy sizes only): the section in this process, saving the process starts of a CPU
+    test run. Nothing kills it at its limit (the section still sees its deadline); ``ddp`` always runs in
+    its own process, since Lightning's DDP ranks rerun the command."""
+    from experiments.gpu_check.common import Ctx
+
+    out = Path(args.out)
+    result_file = out / "sections" / f"{name}.json"
+    result_file.unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        _run_section(name, Ctx(args.device, args.tiny, out, Path(args.work), time.time() + limit))
+    except SystemExit:
+        pass  # the section's exit status is in its record
+    try:
+        rec = json.loads(result_file.read_text())
+    except (OSError, ValueError):
+        rec = {"checks": {}, "status": "error", "error": "the section left no record"}
+    rec["wall_seconds"] = round(time.perf_counter() - start, 1)
+    rec.pop("traceback", None) if rec.get("status") == "ok" else None
+    return rec
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """A whole file or none: a kill during the write leaves the previous version."""
     tmp = path.with_name(path.name + ".tmp")
@@ -218,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         "the reason recorded",
     )
     p.add_argument("--only", nargs="+", choices=list(SECTIONS), default=None, help="run only these sections")
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="with --tiny on the CPU: every section but ddp in this process (no per-section time limit)",
+    )
     p.add_argument("--section", default=None, help=argparse.SUPPRESS)  # one section, in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # its time.time() limit
     args = p.parse_args(argv)
@@ -240,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
 
         _run_section(args.section, Ctx(args.device, args.tiny, out, Path(args.work), args.deadline))
         return 0
+
+    if args.in_process:
+        if not (args.tiny and args.device == "cpu"):
+            p.error("--in-process runs toy sizes on the CPU only: add --tiny --device cpu")
+        from diffusion_lab.utils.cpu import configure_cpu, register_resolvers
+
+        configure_cpu(threads=1, warn=False)  # as each section's own process would (see --section above)
+        register_resolvers()
 
     from experiments.gpu_check.report import add_mfu, failures
 
@@ -284,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"== {name} (limit {limit:.0f} s)", flush=True)
         save(running=name)
-        rec = _child(name, args, limit)
+        run = _in_process if args.in_process and name != "ddp" else _child
+        rec = run(name, args, limit)
         results["sections"][name] = rec
         note = rec.get("error") or rec.get("reason") or ""
         print(f"   {rec['status']} in {rec['wall_seconds']} s {note}", flush=True)
