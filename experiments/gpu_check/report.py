@@ -20,7 +20,8 @@ def add_mfu(results: dict) -> None:
         for row in sec.get("rows", []):
             peak = peaks.get("bf16") if row.get("bf16") else peaks.get("tf32", peaks.get("fp32"))
             if "achieved_tflops" in row and peak:
-                row["mfu_pct"] = round(100 * row["achieved_tflops"] / peak, 1)
+                # three significant digits: toy rows against a large peak are far below 0.05%
+                row["mfu_pct"] = float(f"{100 * row['achieved_tflops'] / peak:.3g}")
 
 
 def failures(results: dict) -> list[str]:

@@ -20,10 +20,14 @@ from experiments.gpu_check.__main__ import SECTIONS
 
 @pytest.mark.slow
 def test_gpu_check_tiny_on_cpu(tmp_path, run_command):
-    """Every section runs (each in its own process), none fails, and the results say what they measured."""
+    """Every section runs, none fails, and the results say what they measured. In one process but ddp
+    (``--in-process``: the per-section processes are tested by the killed-run and failing-section tests)."""
     out = tmp_path / "out"
     r = run_command(
-        "experiments.gpu_check", ["--device", "cpu", "--tiny", "--out", str(out)], REPO, timeout=1200
+        "experiments.gpu_check",
+        ["--device", "cpu", "--tiny", "--in-process", "--out", str(out)],
+        REPO,
+        timeout=1200,
     )
     results = json.loads((out / "results.json").read_text())
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

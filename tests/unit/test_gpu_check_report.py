@@ -67,6 +67,11 @@ def test_mfu_against_the_peak_of_the_rows_precision():
     assert bf16["mfu_pct"] == 10.0  # 80 / 800 (bf16 peak)
     assert fp32["mfu_pct"] == 12.5  # 50 / 400 (tf32 peak: cuDNN's fp32 convolutions)
     assert r["sections"]["overhead"]["rows"][0]["mfu_pct"] == 12.5  # 100 / 800
+    # a toy row against a large peak keeps three significant digits instead of rounding to 0.0
+    toy = _results()
+    toy["sections"]["eager_unet_cifar"]["rows"][1]["achieved_tflops"] = 0.0123
+    add_mfu(toy)
+    assert toy["sections"]["eager_unet_cifar"]["rows"][1]["mfu_pct"] == 0.00154  # 0.0123 / 800
 
 
 def test_targets_say_measured_met_or_not_measured():
