@@ -5,7 +5,7 @@
 #   bash experiments/families/train.sh DATA_ROOT OUT_DIR [STEPS]
 # Each run goes to OUT_DIR/<model> (checkpoints/last.ckpt), its log to OUT_DIR/<model>.log; the wall time of each
 # training to OUT_DIR/<model>.time. `flow` also keeps post-hoc EMA snapshots every 100 steps (sigma_rel 0.05 and
-# 0.10) and a checkpoint every 250 steps, for the EMA and autoguidance study (experiments/edm2_dit).
+# 0.10) and a checkpoint every 250 steps (guides for autoguidance), for the EMA and autoguidance study.
 set -u
 data=${1:?data root (Hoda digits)}
 out=${2:?output directory}
