@@ -91,8 +91,9 @@ def run_command(
 def run_commands(
     commands: Sequence[tuple[str, Sequence[str]]], cwd: Path, timeout: int = 300
 ) -> list[subprocess.CompletedProcess]:
-    """Several ``python -m COMMAND ARGS`` one after another in one subprocess (``run_many.py``), each with
-    its own captured stdout / stderr and exit status: one process start instead of one per command."""
+    """Several ``python -m COMMAND ARGS`` (or ``python SCRIPT.py ARGS``) one after another in one subprocess
+    (``run_many.py``), each with its own captured stdout / stderr and exit status: one process start instead
+    of one per command. A command that fails does not stop the ones after it."""
     import json
     import tempfile
 

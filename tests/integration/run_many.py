@@ -2,10 +2,10 @@
 
     python tests/integration/run_many.py SPEC.json OUT.json
 
-SPEC.json: [[module, [args...]], ...]. Each command runs as ``python -m module args`` would (``runpy``
-with ``sys.argv`` set), with its stdout and stderr captured and Hydra's global state cleared after it;
-OUT.json gets one {"returncode", "stdout", "stderr"} per command. A process start with torch costs seconds
-on a small machine: tests that check several short commands' help and one-line errors pay it once.
+SPEC.json: [[module or script.py, [args...]], ...]. Each command runs as ``python -m module args`` (or
+``python script.py args``) would (``runpy`` with ``sys.argv`` set), with its stdout and stderr captured and
+Hydra's global state cleared after it; OUT.json gets one {"returncode", "stdout", "stderr"} per command. A
+process start with torch costs seconds on a small machine: tests that run several short commands pay it once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ def run_one(module: str, args: list[str]) -> dict:
     sys.argv = [module, *args]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            if module.endswith(".py"):  # a script, as `python path/to/script.py` runs it
+                runpy.run_path(module, run_name="__main__")
+            else:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if isinstance(e.code, str):

@@ -345,9 +345,9 @@ def _blocks(section: str, language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", section, re.S)
 
 
-def test_readme_python_api_and_export_examples_run_as_written(tmp_path, run_command):
+def test_readme_python_api_and_export_examples_run_as_written(tmp_path, run_command, run_commands):
     """The README's "Python API" example (it trains, loads and samples), then its "Export" command on that
-    run and its "Export" example, each as written, in a fresh folder."""
+    run and its "Export" example, each as written, in a fresh folder (the last two in one process)."""
     readme = (REPO / "README.md").read_text()
     api, exported = _section(readme, "Python API"), _section(readme, "Export")
     (api_code,) = _blocks(api, "python")
@@ -362,10 +362,10 @@ def test_readme_python_api_and_export_examples_run_as_written(tmp_path, run_comm
 
     argv = shlex.split(command.strip().replace("<run>", run.name))
     assert argv[:3] == ["python", "-m", "diffusion_lab.export"]
-    r = run_command("diffusion_lab.export", argv[3:], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-
     (tmp_path / "example_export.py").write_text(load_code)
-    r = run_command(str(tmp_path / "example_export.py"), [], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r_export, r_load = run_commands(
+        [("diffusion_lab.export", argv[3:]), (str(tmp_path / "example_export.py"), [])], tmp_path
+    )
+    assert r_export.returncode == 0, r_export.stderr[-3000:]
+    assert r_load.returncode == 0, r_load.stderr[-3000:]
     assert (tmp_path / "exports" / "digits-mlp" / "model.safetensors").is_file()
