@@ -303,8 +303,14 @@ def _mean_sd(values: list[float]) -> str:
     if not values:
         return ""
     if len(values) == 1:
-        return f"{values[0]:.2f}"
+        return f"{values[0]:.2f} (1 seed)"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def _samplers(rows: list[dict]) -> list[str]:
+    """Heun first, then the others in the order they were scored."""
+    names = list(dict.fromkeys(r["sampler"] for r in rows))
+    return sorted(names, key=lambda s: (s != "heun", names.index(s)))
 
 
 def report(args) -> None:
@@ -321,8 +327,7 @@ def report(args) -> None:
             "|---|---|---|---|---|",
         ]
         for name, data in q.items():
-            samplers = list(dict.fromkeys(r["sampler"] for r in data["rows"]))
-            for s in samplers:
+            for s in _samplers(data["rows"]):
                 cells = []
                 for nfe in NFES:
                     fids = [
@@ -332,7 +337,7 @@ def report(args) -> None:
                     ]
                     cells.append(_mean_sd(fids))
                 lines.append(f"| {name} | {s} | " + " | ".join(cells) + " |")
-        floors = [v for d in q.values() for v in d["meta"].get("floor", {}).values()]
+        floors = list(next(iter(q.values()))["meta"].get("floor", {}).values())  # the same for every model
         if floors:
             lines += ["", f"Floor (1,000 real test digits against all 20,000): FID {_mean_sd(floors)}."]
         _plot_quality(q, args.out / "fid_vs_nfe.png")
@@ -408,7 +413,7 @@ def _plot_quality(q: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for name, data in q.items():
-        for s in dict.fromkeys(r["sampler"] for r in data["rows"]):
+        for s in _samplers(data["rows"]):
             pts = []
             for nfe in NFES:
                 rs = [r for r in data["rows"] if r["sampler"] == s and r["steps"] == steps_for(s, nfe)]
