@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from diffusion_lab.metrics.reference import real_reference
+from diffusion_lab.processes.edm import EDMDiffusion
 from diffusion_lab.processes.flow import FlowMatching
 from diffusion_lab.sample import generate
 from diffusion_lab.samplers import get_sampler
@@ -63,9 +64,12 @@ GRID = {
 def family_samplers(module) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(samplers scored everywhere, candidates for "its best other sampler"): Heun, then Euler-Maruyama (SiT's
     SDE) for flows and interpolants; for the discrete family and EDM (on its discrete view) the better of
-    DPM-Solver++(2M) and ancestral sampling at NFE 20, seed 0 (a probe row of each), scored everywhere."""
+    DPM-Solver++(2M) and ancestral sampling at NFE 20, seed 0 (a probe row of each), scored everywhere; EDM
+    also with Euler on the Karras grid (Karras et al. 2022 claim Heun beats it at equal NFE)."""
     if isinstance(module.diffusion, FlowMatching):
         return ("heun", "euler_maruyama"), ()
+    if isinstance(module.diffusion, EDMDiffusion):  # and Euler on the same grid: EDM's Heun-vs-Euler claim
+        return ("heun", "euler"), ("dpm_solver", "ddpm")
     return ("heun",), ("dpm_solver", "ddpm")
 
 
