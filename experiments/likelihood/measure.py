@@ -1,6 +1,6 @@
 """Bits/dim on test digits from the probability-flow ODE for each family, beside the discrete bound.
 
-For every ``--ckpt FAMILY=PATH`` (the 30-minute Hoda presets, ``experiments/likelihood/run.sh``) this scores
+For every ``--ckpt FAMILY=PATH`` (``experiments/families`` runs it on the study's models) this scores
 the same ``--n`` test images (a seeded random subset: Hoda's test split is stored sorted by class):
 
 * ``bpd_ode``: the dequantized probability-flow ODE bits/dim (``diffusion_lab/processes/likelihood_ode.py``),
