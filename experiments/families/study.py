@@ -96,6 +96,9 @@ class Rows:
 
     def add(self, row: dict) -> None:
         self.rows.append(row)
+        self.save()
+
+    def save(self) -> None:
         self.path.write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
 
 
@@ -123,6 +126,14 @@ def model_meta(module, cfg, ckpt, path) -> dict:
     }
 
 
+def open_rows(args, measurement: str, name: str, module, cfg, ckpt, path: str) -> tuple:
+    """(the real reference of the model's dataset, its :class:`Rows` of ``measurement``); the rows' meta
+    names the checkpoint, the data and the sampling batch size."""
+    ref = real_reference(cfg, data_root=args.data_root)
+    meta = {**model_meta(module, cfg, ckpt, path), **ref.meta, "batch_size": args.batch_size}
+    return ref, Rows(args.out, measurement, name, meta)
+
+
 def score_samples(ref, module, sampler: str, nfe: int, n: int, seed: int, batch_size: int, **opts):
     steps = steps_for(sampler, nfe)
     fn = partial(get_sampler(sampler), steps=steps, grid=opts.pop("grid", GRID[sampler]), **opts)
@@ -140,13 +151,7 @@ def score_samples(ref, module, sampler: str, nfe: int, n: int, seed: int, batch_
 
 def quality(args, models) -> None:
     for name, (module, cfg, ckpt, path) in models.items():
-        ref = real_reference(cfg, data_root=args.data_root)
-        rows = Rows(
-            args.out,
-            "quality",
-            name,
-            {**model_meta(module, cfg, ckpt, path), **ref.meta, "batch_size": args.batch_size},
-        )
+        ref, rows = open_rows(args, "quality", name, module, cfg, ckpt, path)
         if "floor" not in rows.meta:
             rows.meta["floor"] = {str(s): ref.floor(args.n, s)["fid_classifier"] for s in SEEDS}
         samplers, candidates = family_samplers(module)
@@ -189,13 +194,7 @@ def best_setting(out: Path, name: str) -> tuple[str, int, float]:
 def best(args, models) -> None:
     for name, (module, cfg, ckpt, path) in models.items():
         sampler, nfe, _ = best_setting(args.out, name)
-        ref = real_reference(cfg, data_root=args.data_root)
-        rows = Rows(
-            args.out,
-            "best",
-            name,
-            {**model_meta(module, cfg, ckpt, path), **ref.meta, "batch_size": args.batch_size},
-        )
+        ref, rows = open_rows(args, "best", name, module, cfg, ckpt, path)
         if "floor" not in rows.meta:
             rows.meta["floor"] = ref.floor(args.n, 0)["fid_classifier"]
         if rows.find(sampler=sampler, nfe=nfe, n=args.n):
@@ -239,13 +238,7 @@ def straightness(module, shape: tuple[int, ...], n: int, steps: int, seed: int, 
 
 def ot(args, models) -> None:
     for name, (module, cfg, ckpt, path) in models.items():
-        ref = real_reference(cfg, data_root=args.data_root)
-        rows = Rows(
-            args.out,
-            "ot",
-            name,
-            {**model_meta(module, cfg, ckpt, path), **ref.meta, "batch_size": args.batch_size},
-        )
+        ref, rows = open_rows(args, "ot", name, module, cfg, ckpt, path)
         plan = [("euler", k, "time_uniform") for k in (2, 5, 10)] + [("heun", 10, "karras")]
         for sampler, nfe, grid in plan:
             for seed in args.seeds:
@@ -262,7 +255,7 @@ def ot(args, models) -> None:
         if "straightness" not in rows.meta:
             shape = (int(cfg.dataset.channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
             rows.meta.update(straightness(module, shape, args.straight_n, 100, 0, args.batch_size))
-            rows.path.write_text(json.dumps({"meta": rows.meta, "rows": rows.rows}, indent=1))
+            rows.save()
             print(f"{name:>12} straightness {rows.meta['straightness']:.4f}", flush=True)
 
 
